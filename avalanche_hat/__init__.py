@@ -1,0 +1,36 @@
+"""avalanche-hat: Hard Attention to the Task (HAT) for continual learning, for Avalanche.
+
+The core (config, payload, layers, masks, schedules, regularisation, forgetting, capacity) imports
+neither Avalanche nor timm. ``HAT`` and ``HATPlugin`` load Avalanche on first use; the timm networks
+register with ``import avalanche_hat.timm_models``.
+"""
+from .capacity import CapacityReport, LayerCapacity, capacity_report
+from .config import HATConfig
+from .forgetting import forget_task
+from .mechanism.schedules import ConstantMaskScale, CosineMaskScale, LinearMaskScale, MaskScaleSchedule
+from .network import clamp_embeddings_, hat_modules, hat_regularization, mark_task_trained, trained_tasks
+from .payload import HATPayload
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "HAT": "avalanche_hat.training",
+    "HATPlugin": "avalanche_hat.training",
+    "HATMultiTaskModel": "avalanche_hat.training",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'avalanche_hat' has no attribute {name!r}")
+
+
+__all__ = [
+    "HATConfig", "HATPayload", "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
+    "ConstantMaskScale", "CosineMaskScale", "LinearMaskScale", "MaskScaleSchedule",
+    "clamp_embeddings_", "hat_modules", "hat_regularization", "mark_task_trained", "trained_tasks",
+    "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",
+]

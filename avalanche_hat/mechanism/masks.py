@@ -1,0 +1,99 @@
+"""Masks, ownership and the two autograd pieces of HAT.
+
+Paper notation: the mask of task ``t`` at layer ``l`` is ``a = sigmoid(s * e)`` (Eq. 1); the units
+earlier tasks own are the cumulative max of their binary masks (Eq. 2); weight ``w_ij`` is trained
+with gradient ``g * (1 - min(a_i^{<t}, a_j^{<t}))`` (Eq. 2); the embedding gradient is compensated
+(Eq. 3).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _SoftMask(torch.autograd.Function):
+    """``a = sigmoid(s * e)`` whose backward is the compensated gradient of Eq. 3.
+
+    Eq. 3 multiplies the embedding gradient ``q = s * sigmoid'(s e) * dL/da`` by
+    ``s_max (cosh(s e) + 1) / (s (cosh(e) + 1))``. Since ``sigmoid'(x) = 1 / (2 (cosh(x) + 1))``
+    the product is ``dL/da * s_max / (2 (cosh(e) + 1))``: no huge intermediate, finite in float16 and
+    bfloat16, and defined at ``s = 0``, where the cosine schedule passes mid-unit.
+    """
+
+    @staticmethod
+    def forward(ctx, embedding: torch.Tensor, scale: float, max_scale: float) -> torch.Tensor:
+        ctx.save_for_backward(embedding)
+        ctx.max_scale = max_scale
+        return torch.sigmoid(embedding * scale)
+
+    @staticmethod
+    def backward(ctx, grad_mask: torch.Tensor):
+        (embedding,) = ctx.saved_tensors
+        factor = ctx.max_scale / (2.0 * (torch.cosh(embedding.float()) + 1.0))
+        return (grad_mask.float() * factor).to(embedding.dtype), None, None
+
+
+def soft_mask(embedding: torch.Tensor, scale: float, max_scale: float, compensate: bool = True) -> torch.Tensor:
+    """The training mask ``sigmoid(scale * embedding)``; with ``compensate`` its gradient follows Eq. 3."""
+    if compensate:
+        return _SoftMask.apply(embedding, float(scale), float(max_scale))
+    return torch.sigmoid(embedding * float(scale))
+
+
+def binary_mask(embedding: torch.Tensor) -> torch.Tensor:
+    """The inference mask: ``sigmoid(s e)`` as ``s -> inf``, i.e. 1 where ``e > 0`` and 0 elsewhere."""
+    return (embedding.detach() > 0).to(embedding.dtype)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the gradient by a (broadcast) factor in the backward."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (factor,) = ctx.saved_tensors
+        return grad * factor.to(grad.dtype), None
+
+
+def scale_grad(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor`` unchanged, with its gradient multiplied by ``factor`` (broadcast to its shape)."""
+    return _ScaleGrad.apply(tensor, factor)
+
+
+def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None) -> torch.Tensor:
+    """Units owned by the trained tasks other than ``task_id``: ``max_{t' != t} 1[e^{t'} > 0]``.
+
+    ``embedding`` is ``(num_tasks, units)``, ``trained`` a bool vector of ``num_tasks``. The result is
+    a 0/1 vector in the embedding's dtype. Sequential training (tasks ``0..t-1`` trained) gives the
+    paper's ``a^{<t}``; retraining task ``t`` later protects every other trained task.
+    """
+    protected = trained
+    if task_id is not None:
+        others = torch.arange(trained.numel(), device=trained.device) != task_id
+        protected = trained & others
+    owned = ((embedding.detach() > 0) & protected.unsqueeze(1)).any(dim=0)
+    return owned.to(embedding.dtype)
+
+
+def nullification_factor(
+    out_owned: torch.Tensor, in_owned: torch.Tensor | None, weight_ndim: int, groups: int = 1
+) -> torch.Tensor:
+    """Eq. 2 for a weight of shape ``(out, in / groups, *kernel)``: ``1 - min(a_i^{<t}, a_j^{<t})``.
+
+    Returned in a shape that broadcasts against the weight (kernel dimensions are 1), so the backward
+    pass multiplies by it without building a full-size coefficient tensor. ``in_owned=None`` means the
+    ownership of the inputs is unknown, and every input counts as owned: a safe (conservative) choice.
+    """
+    out_units = out_owned.numel()
+    trailing = (1,) * (weight_ndim - 2)
+    if in_owned is None:
+        return (1.0 - out_owned).view(out_units, 1, *trailing)
+    in_per_group = in_owned.numel() // groups
+    rows = in_owned.view(groups, in_per_group)
+    if groups > 1:
+        rows = rows.repeat_interleave(out_units // groups, dim=0)
+    keep = 1.0 - out_owned.unsqueeze(1) * rows
+    return keep.view(out_units, in_per_group, *trailing)

@@ -1,0 +1,186 @@
+"""What every HAT layer and every task-indexed layer shares."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..config import HATConfig
+from ..mechanism.masks import binary_mask, nullification_factor, ownership, scale_grad, soft_mask
+from ..payload import HATPayload
+
+
+def as_payload(module: nn.Module, x) -> HATPayload:
+    if isinstance(x, HATPayload):
+        return x
+    if isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{type(module).__name__} takes a HATPayload, not a bare tensor: wrap the input as "
+            "HATPayload(x, task_id=t, mask_scale=s) (mask_scale=None for inference, task_id=None "
+            "for the plain network)"
+        )
+    raise TypeError(f"{type(module).__name__} takes a HATPayload, got {type(x).__name__}")
+
+
+class HATModule(nn.Module):
+    """A layer whose output units are gated per task by ``a = sigmoid(s e)`` (Eq. 1).
+
+    State (all in ``state_dict``, so it survives save/load, ``deepcopy``, pickling and ``.to``):
+    ``mask_embedding`` (``num_tasks x units``) and ``hat_trained``, the tasks whose units are
+    protected. Nothing is cached and no hook is registered: masks, ownership and the gradient factors
+    of Eq. 2 are computed in every forward from that state.
+    """
+
+    hat_config: HATConfig
+    unit_dim: int  # axis of the output along which the mask lies (1 for conv, -1 for linear)
+
+    def _init_hat(self, hat_config: HATConfig, units: int, device=None, dtype=None) -> None:
+        if not isinstance(hat_config, HATConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs a HATConfig, e.g. HATConfig(num_tasks=5); got {type(hat_config).__name__}"
+            )
+        self.hat_config = hat_config
+        emb = torch.empty(hat_config.num_tasks, units, device=device, dtype=dtype or torch.get_default_dtype())
+        self.mask_embedding = nn.Parameter(hat_config.init_embedding_(emb))
+        self.register_buffer("hat_trained", torch.zeros(hat_config.num_tasks, dtype=torch.bool, device=device))
+        self._last_training_task: int | None = None
+
+    @property
+    def num_units(self) -> int:
+        return self.mask_embedding.shape[1]
+
+    # ----------------------------------------------------------------------------- masks
+    def mask(self, task_id: int | None, mask_scale: float | None) -> torch.Tensor | None:
+        """The mask of ``task_id``: soft at ``mask_scale``, binary when it is None; None for the plain network."""
+        if task_id is None:
+            return None
+        self.hat_config.check_task_id(task_id)
+        emb = self.mask_embedding[task_id]
+        if mask_scale is None:
+            return binary_mask(emb)
+        return soft_mask(emb, mask_scale, self.hat_config.max_mask_scale, self.hat_config.gradient_compensation)
+
+    def binary_mask(self, task_id: int) -> torch.Tensor:
+        self.hat_config.check_task_id(task_id)
+        return binary_mask(self.mask_embedding[task_id])
+
+    def ownership(self, task_id: int | None) -> torch.Tensor:
+        """0/1 per unit: owned by a trained task other than ``task_id`` (Eq. 2's ``a^{<t}``)."""
+        return ownership(self.mask_embedding, self.hat_trained, task_id)
+
+    @torch.no_grad()
+    def clamp_embedding_(self) -> None:
+        c = self.hat_config.embedding_clamp
+        self.mask_embedding.data.clamp_(-c, c)
+
+    # --------------------------------------------------------------------------- forward
+    def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1) -> HATPayload:
+        """Shared forward: checks, Eq. 2 on weight and bias, the layer itself, the pending mask."""
+        payload = as_payload(self, payload)
+        task_id, scale = payload.task_id, payload.mask_scale
+        self.hat_config.check_task_id(task_id)
+        x = payload.data
+        if x.ndim < 2 or x.shape[in_axis] != in_units:
+            raise ValueError(
+                f"{type(self).__name__} expects {in_units} input units along axis {in_axis}, got an "
+                f"input of shape {tuple(x.shape)}"
+            )
+        weight, bias = self.weight, self.bias
+        training = self.training and torch.is_grad_enabled()
+        if task_id is None:
+            if training and bool(self.hat_trained.any()):
+                raise RuntimeError(
+                    f"training {type(self).__name__} with task_id=None would overwrite the weights of "
+                    f"trained tasks {self.hat_trained.nonzero().flatten().tolist()}: pass the task id "
+                    "of the task being learned (HATPayload(x, task_id=t, mask_scale=s))"
+                )
+            return payload.derive(compute(x, weight, bias))
+        owned = None
+        if training:
+            self._warn_unmarked_task(task_id)
+            if scale is not None:
+                self.clamp_embedding_()
+            owned = self.ownership(task_id)
+            in_owned = payload.ownership
+            if in_owned is not None and (payload.mask_dim != in_axis % x.ndim or in_owned.numel() != in_units):
+                in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
+            weight = scale_grad(weight, nullification_factor(owned, in_owned, weight.ndim, groups))
+            if bias is not None:
+                bias = scale_grad(bias, 1.0 - owned)
+        out = compute(x, weight, bias)
+        mask = self.mask(task_id, scale)
+        return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)
+
+    def _warn_unmarked_task(self, task_id: int) -> None:
+        last = self._last_training_task
+        if last is not None and last != task_id and not bool(self.hat_trained[last]):
+            warnings.warn(
+                f"training task {task_id} after task {last}, which was never marked trained: its "
+                f"units are not protected. Call avalanche_hat.mark_task_trained(model, {last}) when a "
+                "task is done (the HATPlugin does it for you).",
+                stacklevel=4,
+            )
+        self._last_training_task = task_id
+
+    # ------------------------------------------------------------------------ forgetting
+    @torch.no_grad()
+    def forget(self, task_id: int) -> int:
+        """Re-initialise the units only ``task_id`` owns and switch its mask off; return the count of
+        re-initialised parameters. Units other trained tasks use are not touched."""
+        self.hat_config.check_task_id(task_id)
+        exclusive = (self.binary_mask(task_id) > 0) & ~(self.ownership(task_id) > 0)
+        rows = exclusive.nonzero().flatten()
+        fresh = self._fresh_parameters()
+        count = 0
+        for name, value in fresh.items():
+            param = getattr(self, name)
+            if param is None:
+                continue
+            param.data[rows] = value[rows].to(param.dtype)
+            count += int(rows.numel() * (param[0].numel() if param.ndim > 1 else 1))
+        self.mask_embedding.data[task_id] = -self.hat_config.embedding_clamp
+        self.hat_trained[task_id] = False
+        return count
+
+    def _fresh_parameters(self) -> dict:
+        """Freshly initialised ``weight``/``bias`` of the same layer (PyTorch's default init)."""
+        clone = self.to_base_module()
+        clone.reset_parameters()
+        return {"weight": clone.weight, "bias": clone.bias}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_tasks={self.hat_config.num_tasks}"
+
+
+class TaskIndexedModule(nn.Module):
+    """A layer with one full copy per task plus one for ``task_id=None`` (index ``num_tasks``).
+
+    Subclasses keep the copies in ``self.copies`` (an ``nn.ModuleList``)."""
+
+    copies: nn.ModuleList
+    hat_config: HATConfig
+
+    def copy_index(self, task_id: int | None) -> int:
+        self.hat_config.check_task_id(task_id)
+        return self.hat_config.num_tasks if task_id is None else task_id
+
+    def copy_for(self, task_id: int | None) -> nn.Module:
+        return self.copies[self.copy_index(task_id)]
+
+    @torch.no_grad()
+    def forget(self, task_id: int) -> int:
+        """Reset the copy of ``task_id``; return how many parameters were re-initialised."""
+        copy = self.copy_for(task_id)
+        for m in copy.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+        return sum(p.numel() for p in copy.parameters())
+
+    def to_base_module(self, task_id: int | None = None) -> nn.Module:
+        """A plain copy of the layer of ``task_id`` (None: the plain network's copy)."""
+        import copy
+
+        return copy.deepcopy(self.copy_for(task_id))

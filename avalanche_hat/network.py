@@ -1,0 +1,75 @@
+"""Operations on a whole HAT network: which tasks are trained, regularisation, embedding clamps."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .mechanism.regularization import global_usage_penalty, layerwise_usage_penalty
+from .modules.base import HATModule
+
+
+def hat_modules(module: nn.Module) -> Iterator[tuple[str, HATModule]]:
+    """``(name, layer)`` for every HAT layer in ``module``."""
+    for name, m in module.named_modules():
+        if isinstance(m, HATModule):
+            yield name, m
+
+
+def _require_hat(module: nn.Module) -> list[HATModule]:
+    layers = [m for _, m in hat_modules(module)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no HAT layers (HATLinear, HATConv2d, ...)")
+    return layers
+
+
+@torch.no_grad()
+def mark_task_trained(module: nn.Module, task_id: int, trained: bool = True) -> None:
+    """Record that ``task_id`` is learned: from now on its units are protected (Eq. 2)."""
+    for layer in _require_hat(module):
+        layer.hat_config.check_task_id(task_id)
+        layer.hat_trained[task_id] = trained
+
+
+def trained_tasks(module: nn.Module) -> list[int]:
+    """The tasks recorded as trained (the same in every HAT layer of the network)."""
+    layers = _require_hat(module)
+    flags = layers[0].hat_trained
+    for layer in layers[1:]:
+        if not torch.equal(layer.hat_trained, flags):
+            raise RuntimeError("HAT layers disagree on which tasks are trained: use mark_task_trained on the whole network")
+    return flags.nonzero().flatten().tolist()
+
+
+@torch.no_grad()
+def clamp_embeddings_(module: nn.Module) -> None:
+    """Clamp every mask embedding to ``[-c, c]`` (done in each training forward as well)."""
+    for _, layer in hat_modules(module):
+        layer.clamp_embedding_()
+
+
+def hat_regularization(
+    module: nn.Module,
+    task_id: int,
+    mask_scale: float | None,
+    *,
+    kind: str = "layerwise",
+    quota: float | None = None,
+) -> torch.Tensor:
+    """The mask-usage penalty of task ``task_id`` at ``mask_scale``.
+
+    ``kind="layerwise"``: HAT-CL Eq. 5, per layer, over the units no other trained task owns, minus
+    a quota (default ``1 / num_tasks``), clipped at 0, summed over layers. ``kind="global"``: the
+    original HAT ratio over all layers together (no quota). Multiply by a coefficient yourself
+    (the HATPlugin does).
+    """
+    layers = _require_hat(module)
+    pairs = [(layer.mask(task_id, mask_scale), layer.ownership(task_id)) for layer in layers]
+    if kind == "layerwise":
+        if quota is None:
+            quota = 1.0 / layers[0].hat_config.num_tasks
+        return layerwise_usage_penalty(pairs, quota)
+    if kind == "global":
+        return global_usage_penalty(pairs)
+    raise ValueError(f"unknown regularisation kind {kind!r}: use 'layerwise' (HAT-CL) or 'global' (original HAT)")

@@ -1,0 +1,318 @@
+"""HATPayload: a tensor travelling through a HAT network with its task id, mask scale, the mask of
+the last HAT layer (applied lazily) and which of its units earlier tasks own."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Modules that map 0 to 0 unit by unit and keep the unit axis: units that earlier tasks do not own
+# stay exactly 0 through them, so the ownership of the units carries over (for the input side of
+# Eq. 2). Anything else drops it, and the next HAT layer counts all of its inputs as owned (safe).
+ZERO_PRESERVING = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardtanh, nn.Hardswish,
+    nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+# Of those, the modules through which a non-negative per-unit mask commutes (f(m x) = m f(x) for
+# m >= 0): the mask can stay pending and be applied later, on a smaller tensor or folded into the
+# affine parameters of a task-indexed norm.
+MASK_COMMUTING = (
+    nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+
+
+def _along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """View a per-unit vector so that it broadcasts along axis ``dim`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[dim] = vector.numel()
+    return vector.view(shape)
+
+
+class HATPayload:
+    """A tensor plus what HAT needs to know about it.
+
+    Args:
+        data: the tensor.
+        task_id: the task whose masks to use; ``None`` runs the plain network (no mask, the shared
+            copy of task-indexed layers, nothing frozen).
+        mask_scale: ``s`` of Eq. 1 (training); ``None`` gives binary masks (inference).
+
+    ``.data`` is the tensor with the pending mask applied. HAT layers keep their mask pending so
+    that a task-indexed norm can normalise the unmasked output and fold the mask into its affine
+    parameters, and so that ReLU, pooling and dropout run before the (then smaller) multiply.
+    Shape operations and ``+`` keep track of the mask and of the ownership of the units; a residual
+    add applies each operand's mask exactly once.
+    """
+
+    __slots__ = ("_data", "task_id", "mask_scale", "_mask", "mask_dim", "ownership")
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        task_id: int | None = None,
+        mask_scale: float | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        mask_dim: int | None = None,
+        ownership: torch.Tensor | None = None,
+    ) -> None:
+        if isinstance(data, HATPayload):
+            raise TypeError("HATPayload wraps a tensor, not another HATPayload")
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"HATPayload wraps a torch.Tensor, got {type(data).__name__}")
+        if mask_scale is not None:
+            if task_id is None:
+                raise ValueError(
+                    "a mask_scale needs a task_id: HATPayload(x, task_id=t, mask_scale=s); "
+                    "mask_scale=None with task_id=None runs the plain network"
+                )
+            mask_scale = float(mask_scale)
+            if not (mask_scale >= 0 and math.isfinite(mask_scale)):
+                raise ValueError(f"mask_scale must be a finite number >= 0 or None, got {mask_scale}")
+        if (mask is not None or ownership is not None) and mask_dim is None:
+            raise ValueError("a mask or an ownership vector needs the mask_dim it lies along")
+        if mask_dim is not None:
+            if not -data.ndim <= mask_dim < data.ndim:
+                raise ValueError(f"mask_dim {mask_dim} is out of range for a {data.ndim}-d tensor")
+            mask_dim %= data.ndim
+            units = data.shape[mask_dim]
+            for name, vector in (("mask", mask), ("ownership", ownership)):
+                if vector is not None and vector.numel() != units:
+                    raise ValueError(
+                        f"mismatched mask dimension: the {name} has {vector.numel()} units but "
+                        f"axis {mask_dim} of the data has {units} (shape {tuple(data.shape)})"
+                    )
+        self._data = data
+        self.task_id = task_id
+        self.mask_scale = mask_scale
+        self._mask = mask
+        self.mask_dim = mask_dim
+        self.ownership = ownership
+
+    # ----------------------------------------------------------------------------------- access
+    @property
+    def data(self) -> torch.Tensor:
+        """The tensor with the pending mask applied."""
+        if self._mask is None:
+            return self._data
+        return self._data * _along(self._mask.to(self._data.dtype), self.mask_dim, self._data.ndim)
+
+    @property
+    def unmasked_data(self) -> torch.Tensor:
+        """The tensor before the pending mask (what a task-indexed norm normalises)."""
+        return self._data
+
+    @property
+    def pending_mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self._data.ndim
+
+    @property
+    def device(self) -> torch.device:
+        return self._data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._data.dtype
+
+    def size(self, dim: int | None = None):
+        return self._data.size() if dim is None else self._data.size(dim)
+
+    def dim(self) -> int:
+        return self._data.ndim
+
+    def __repr__(self) -> str:
+        return (
+            f"HATPayload(shape={tuple(self._data.shape)}, task_id={self.task_id}, "
+            f"mask_scale={self.mask_scale}, pending_mask={self._mask is not None}, mask_dim={self.mask_dim})"
+        )
+
+    # ------------------------------------------------------------------------------ derivation
+    def derive(
+        self,
+        data: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        mask_dim: int | None = None,
+        ownership: torch.Tensor | None = None,
+    ) -> "HATPayload":
+        """A payload for ``data`` with this task id and scale; mask and ownership as given (none by default)."""
+        return HATPayload(
+            data, self.task_id, self.mask_scale, mask=mask, mask_dim=mask_dim, ownership=ownership
+        )
+
+    def forward_by(self, module: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs) -> "HATPayload":
+        """Run a module that does not take payloads (activation, pooling, dropout, ...) on the data.
+
+        Through ReLU, pooling and dropout the mask stays pending; through other zero-preserving
+        activations the ownership of the units carries over; anything else drops it.
+        """
+        if isinstance(module, MASK_COMMUTING) and self._mask is not None and not args and not kwargs:
+            out = module(self._data)
+            if out.ndim == self._data.ndim and out.shape[self.mask_dim] == self._data.shape[self.mask_dim]:
+                return self.derive(out, mask=self._mask, mask_dim=self.mask_dim, ownership=self.ownership)
+        out = module(self.data, *args, **kwargs)
+        if (
+            isinstance(module, ZERO_PRESERVING)
+            and self.ownership is not None
+            and out.ndim == self._data.ndim
+            and out.shape[self.mask_dim] == self._data.shape[self.mask_dim]
+        ):
+            return self.derive(out, mask_dim=self.mask_dim, ownership=self.ownership)
+        return self.derive(out)
+
+    # ------------------------------------------------------------------------- shape operations
+    def _moved(self, data: torch.Tensor, mask_dim: int | None, repeat: int = 1) -> "HATPayload":
+        """Payload for ``data`` whose unit axis is now ``mask_dim`` (``None``: lost), each unit repeated."""
+        if mask_dim is None:
+            return self.derive(data)
+
+        def move(vector):
+            if vector is None:
+                return None
+            return vector.repeat_interleave(repeat) if repeat > 1 else vector
+
+        return self.derive(data, mask=move(self._mask), mask_dim=mask_dim, ownership=move(self.ownership))
+
+    def _tracks_units(self) -> bool:
+        return self._mask is not None or self.ownership is not None
+
+    def reshape(self, *shape) -> "HATPayload":
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = tuple(shape[0])
+        if not self._tracks_units():
+            return self.derive(self._data.reshape(*shape))
+        # Apply the mask lazily only if the unit axis survives; otherwise materialise it first.
+        data = self._data.reshape(*shape)
+        new_dim, repeat = self._unit_axis_after_reshape(tuple(data.shape))
+        if new_dim is None:
+            return self.derive(self.data.reshape(*shape))
+        return self._moved(data, new_dim, repeat)
+
+    view = reshape
+
+    def _unit_axis_after_reshape(self, new_shape: tuple) -> tuple[int | None, int]:
+        old = tuple(self._data.shape)
+        k = self.mask_dim
+        before = math.prod(old[:k])
+        units = old[k]
+        prefix = 1
+        for j, size in enumerate(new_shape):
+            if prefix == before:
+                if size == units:
+                    return j, 1
+                # The unit axis merged with the axes that follow it (flatten): unit u now spans
+                # prod(old[k+1:m]) consecutive positions.
+                span = 1
+                for m in range(k + 1, len(old) + 1):
+                    if size == units * span:
+                        return j, span
+                    if m < len(old):
+                        span *= old[m]
+                return None, 1
+            prefix *= size
+            if prefix > before:
+                return None, 1
+        return None, 1
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "HATPayload":
+        shape = list(self._data.shape)
+        start, end = start_dim % len(shape), end_dim % len(shape)
+        merged = math.prod(shape[start : end + 1])
+        return self.reshape(*shape[:start], merged, *shape[end + 1 :])
+
+    def permute(self, *dims) -> "HATPayload":
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        data = self._data.permute(*dims)
+        if not self._tracks_units():
+            return self.derive(data)
+        dims = [d % self._data.ndim for d in dims]
+        return self._moved(data, dims.index(self.mask_dim))
+
+    def transpose(self, dim0: int, dim1: int) -> "HATPayload":
+        data = self._data.transpose(dim0, dim1)
+        if not self._tracks_units():
+            return self.derive(data)
+        dim0, dim1 = dim0 % self._data.ndim, dim1 % self._data.ndim
+        new = {dim0: dim1, dim1: dim0}.get(self.mask_dim, self.mask_dim)
+        return self._moved(data, new)
+
+    # ------------------------------------------------------------------------------ arithmetic
+    def _check_same_task(self, other: "HATPayload") -> None:
+        if other.task_id != self.task_id or other.mask_scale != self.mask_scale:
+            raise ValueError(
+                f"cannot combine payloads of task {self.task_id} (scale {self.mask_scale}) and task "
+                f"{other.task_id} (scale {other.mask_scale})"
+            )
+
+    def __add__(self, other) -> "HATPayload":
+        if isinstance(other, HATPayload):
+            self._check_same_task(other)
+            data = self.data + other.data  # each operand's mask applied exactly once
+            if (
+                self.ownership is not None
+                and other.ownership is not None
+                and self.mask_dim == other.mask_dim
+                and data.shape == self._data.shape
+            ):
+                # A unit of the sum is zero for an earlier task only if it is zero in both operands.
+                return self.derive(data, mask_dim=self.mask_dim, ownership=torch.maximum(self.ownership, other.ownership))
+            return self.derive(data)
+        # Adding a tensor (e.g. a position embedding) makes unowned units non-zero: ownership is lost.
+        return self.derive(self.data + other)
+
+    __radd__ = __add__
+
+    def __mul__(self, other) -> "HATPayload":
+        if isinstance(other, HATPayload):
+            self._check_same_task(other)
+            return self.derive(self.data * other.data)
+        if isinstance(other, (int, float)):
+            # A scalar multiple keeps zeros at zero and commutes with the mask.
+            return self.derive(
+                self._data * other, mask=self._mask, mask_dim=self.mask_dim, ownership=self.ownership
+            ) if self._tracks_units() else self.derive(self._data * other)
+        return self.derive(self.data * other)
+
+    __rmul__ = __mul__
+
+    def __matmul__(self, other) -> "HATPayload":
+        if isinstance(other, HATPayload):
+            self._check_same_task(other)
+            other = other.data
+        return self.derive(self.data @ other)
+
+    def __rmatmul__(self, other) -> "HATPayload":
+        return self.derive(other @ self.data)
+
+    @staticmethod
+    def cat(payloads: "list[HATPayload]", dim: int = 0) -> "HATPayload":
+        """Concatenate payloads of one task along ``dim``; ownership survives if ``dim`` is not the unit axis."""
+        first = payloads[0]
+        for p in payloads[1:]:
+            first._check_same_task(p)
+        data = torch.cat([p.data for p in payloads], dim=dim)
+        dims = {p.mask_dim for p in payloads}
+        if all(p.ownership is not None for p in payloads) and len(dims) == 1 and dim % data.ndim != first.mask_dim:
+            owned = payloads[0].ownership
+            for p in payloads[1:]:
+                owned = torch.maximum(owned, p.ownership)
+            return first.derive(data, mask_dim=first.mask_dim, ownership=owned)
+        return first.derive(data)

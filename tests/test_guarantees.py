@@ -1,0 +1,70 @@
+"""The guarantees users rely on: no forgetting, exact forgetting of one task, the paper's formulas."""
+import copy
+
+import pytest
+import torch
+
+from avalanche_hat import HATConfig, forget_task, trained_tasks
+
+from nets import SmallConvNet, make_tasks, outputs, train_task
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OPTIMIZERS))
+def trained(request):
+    """A SmallConvNet trained on 3 tasks in turn, with the outputs of each task recorded after it."""
+    torch.manual_seed(0)
+    model = SmallConvNet(HATConfig(num_tasks=3))
+    tasks = make_tasks(3)
+    after = {}
+    for t, (x, y) in enumerate(tasks):
+        train_task(model, t, x, y, OPTIMIZERS[request.param])
+        after[t] = outputs(model, t, tasks[t][0])
+    return model, tasks, after
+
+
+def accuracy(model, t, x, y):
+    return (outputs(model, t, x).argmax(1) == y).float().mean().item()
+
+
+def test_earlier_tasks_bit_identical_after_training_later_tasks(trained):
+    model, tasks, after = trained
+    for t in (0, 1):
+        assert torch.equal(outputs(model, t, tasks[t][0]), after[t]), f"task {t} changed"
+
+
+def test_tasks_were_actually_learned(trained):
+    model, tasks, _ = trained
+    for t, (x, y) in enumerate(tasks):
+        assert accuracy(model, t, x, y) >= 0.9
+
+
+def test_later_tasks_reuse_shared_weights(trained):
+    """Training task 2 really changed shared weights (the test above is not trivially true)."""
+    torch.manual_seed(0)
+    model, tasks, _ = trained
+    fresh = SmallConvNet(HATConfig(num_tasks=3))
+    train_task(fresh, 0, *tasks[0], OPTIMIZERS["adam"])
+    before = copy.deepcopy(fresh.conv2.weight)
+    train_task(fresh, 1, *tasks[1], OPTIMIZERS["adam"])
+    assert not torch.equal(before, fresh.conv2.weight)
+
+
+def test_forgetting_one_task_leaves_others_bit_identical_and_drops_it_to_chance(trained):
+    model, tasks, after = trained
+    model = copy.deepcopy(model)
+    counts = forget_task(model, 0)
+    assert sum(counts.values()) > 0
+    assert trained_tasks(model) == [1, 2]
+    for t in (1, 2):
+        assert torch.equal(outputs(model, t, tasks[t][0]), after[t])
+    x, y = tasks[0]
+    preds = outputs(model, 0, x).argmax(1)
+    assert preds.unique().numel() == 1  # a constant prediction: the balanced task is at chance
+    assert accuracy(model, 0, x, y) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="not marked trained"):
+        forget_task(model, 0)
