@@ -46,7 +46,7 @@ def make_tasks(num_tasks: int, n: int = 64, seed: int = 0):
     return tasks
 
 
-def train_task(model, task_id, x, y, optimizer_factory, epochs=8, batch=16, reg=0.75):
+def train_task(model, task_id, x, y, optimizer_factory, epochs=8, batch=16, reg=0.1):
     """Train one task with a fresh optimizer, the cosine schedule and the layerwise regulariser."""
     model.train()
     opt = optimizer_factory(model.parameters())

@@ -9,8 +9,8 @@ from avalanche_hat import HATConfig, forget_task, trained_tasks
 from nets import SmallConvNet, make_tasks, outputs, train_task
 
 OPTIMIZERS = {
-    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
-    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.02, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.05),
 }
 
 

@@ -28,8 +28,9 @@ class _SoftMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mask: torch.Tensor):
         (embedding,) = ctx.saved_tensors
-        factor = ctx.max_scale / (2.0 * (torch.cosh(embedding.float()) + 1.0))
-        return (grad_mask.float() * factor).to(embedding.dtype), None, None
+        work = torch.promote_types(embedding.dtype, torch.float32)  # half precision computes in float32
+        factor = ctx.max_scale / (2.0 * (torch.cosh(embedding.to(work)) + 1.0))
+        return (grad_mask.to(work) * factor).to(embedding.dtype), None, None
 
 
 def soft_mask(embedding: torch.Tensor, scale: float, max_scale: float, compensate: bool = True) -> torch.Tensor:

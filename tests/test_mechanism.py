@@ -1,0 +1,144 @@
+"""The paper's equations, checked against hand computation."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche_hat import HATConfig, HATPayload, hat_regularization, mark_task_trained
+from avalanche_hat.mechanism import CosineMaskScale, LinearMaskScale, ConstantMaskScale, make_schedule, soft_mask
+from avalanche_hat.modules import HATLinear
+
+S_MAX = 400.0
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = HATLinear(3, 4, cfg)
+        self.fc2 = HATLinear(4, 2, cfg)
+
+    def forward(self, x, t, s):
+        p = self.fc1(HATPayload(x, task_id=t, mask_scale=s)).forward_by(nn.ReLU())
+        return self.fc2(p).data
+
+
+def test_gradients_equal_the_papers_formulas_by_hand():
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=2, max_mask_scale=S_MAX)
+    net = TinyMLP(cfg).double()
+    with torch.no_grad():  # task 0 owns units 0, 2 of fc1 and unit 0 of fc2
+        net.fc1.mask_embedding[0] = torch.tensor([2.0, -1.0, 0.5, -3.0])
+        net.fc2.mask_embedding[0] = torch.tensor([1.0, -2.0])
+        net.fc1.mask_embedding[1] = torch.tensor([0.3, -0.2, 1.5, -0.7])
+        net.fc2.mask_embedding[1] = torch.tensor([-0.4, 0.9])
+    mark_task_trained(net, 0)
+    x = torch.randn(64, 3, dtype=torch.float64)
+    c = torch.randn(64, 2, dtype=torch.float64)
+    s = 2.5
+    (net(x, 1, s) * c).sum().backward()
+
+    # The same computation with plain tensors and autograd, then the paper's factors by hand.
+    W1, b1 = net.fc1.weight.detach().clone().requires_grad_(), net.fc1.bias.detach().clone().requires_grad_()
+    W2, b2 = net.fc2.weight.detach().clone().requires_grad_(), net.fc2.bias.detach().clone().requires_grad_()
+    e1 = net.fc1.mask_embedding.detach()[1].clone().requires_grad_()
+    e2 = net.fc2.mask_embedding.detach()[1].clone().requires_grad_()
+    z1 = torch.relu((x @ W1.T + b1) * torch.sigmoid(s * e1))
+    out = (z1 @ W2.T + b2) * torch.sigmoid(s * e2)
+    (out * c).sum().backward()
+    own1 = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)  # a^{<1} of fc1
+    own2 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    ones_in = torch.ones(3, dtype=torch.float64)  # the input layer counts as owned
+    eq2_w1 = 1 - torch.minimum(own1[:, None], ones_in[None, :])
+    eq2_w2 = 1 - torch.minimum(own2[:, None], own1[None, :])
+
+    def eq3(e, q):
+        return S_MAX * (torch.cosh(s * e) + 1) / (s * (torch.cosh(e) + 1)) * q
+
+    torch.testing.assert_close(net.fc1.weight.grad, W1.grad * eq2_w1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.fc1.bias.grad, b1.grad * (1 - own1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.fc2.weight.grad, W2.grad * eq2_w2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.fc2.bias.grad, b2.grad * (1 - own2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.fc1.mask_embedding.grad[1], eq3(e1.detach(), e1.grad), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(net.fc2.mask_embedding.grad[1], eq3(e2.detach(), e2.grad), rtol=1e-10, atol=1e-12)
+    # Task 0's embeddings are not trained while learning task 1.
+    assert torch.count_nonzero(net.fc1.mask_embedding.grad[0]) == 0
+    # Eq. 2 really freezes something here, so the comparison above is not vacuous.
+    frozen = eq2_w2 == 0
+    assert (W2.grad[frozen] != 0).any() and (net.fc2.weight.grad[frozen] == 0).all()
+    # Owned output unit 0, unowned inputs 1 and 3: trainable under the min rule.
+    assert (net.fc2.weight.grad[0, [1, 3]] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compensated_gradient_is_finite_in_half_precision(dtype):
+    e = torch.linspace(-6, 6, 101, dtype=dtype).requires_grad_()
+    for s in (0.0, 1e-3, 1.0, 400.0):
+        e.grad = None
+        soft_mask(e, s, S_MAX).backward(torch.ones_like(e))
+        assert e.grad.dtype == dtype
+        assert torch.isfinite(e.grad).all(), f"non-finite compensated gradient at s={s}"
+        ref = S_MAX / (2 * (torch.cosh(e.detach().double()) + 1))
+        torch.testing.assert_close(e.grad.double(), ref, rtol=2e-2, atol=1e-3)
+    # The literal formula overflows in this precision (what the published package does).
+    big = torch.tensor(S_MAX, dtype=dtype) * (torch.cosh(torch.tensor(400.0 * 6.0, dtype=dtype)) + 1)
+    assert not torch.isfinite(big)
+
+
+def test_half_precision_layer_trains_with_finite_gradients():
+    cfg = HATConfig(num_tasks=2)
+    layer = HATLinear(8, 8, cfg).to(torch.bfloat16)
+    out = layer(HATPayload(torch.randn(4, 8, dtype=torch.bfloat16), task_id=0, mask_scale=400.0))
+    out.data.float().pow(2).sum().backward()
+    assert torch.isfinite(layer.mask_embedding.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+def test_embeddings_are_clamped_in_training():
+    cfg = HATConfig(num_tasks=1, embedding_clamp=6.0)
+    layer = HATLinear(2, 3, cfg)
+    with torch.no_grad():
+        layer.mask_embedding[0] = torch.tensor([10.0, -10.0, 3.0])
+    layer(HATPayload(torch.randn(1, 2), task_id=0, mask_scale=1.0))
+    assert layer.mask_embedding[0].tolist() == [6.0, -6.0, 3.0]
+
+
+def test_schedules_follow_equations_4_and_6():
+    cos, lin = CosineMaskScale(S_MAX), LinearMaskScale(S_MAX)
+    assert cos(0.0) == pytest.approx(S_MAX) and cos(0.5) == pytest.approx(0.0, abs=1e-9) and cos(1.0) == pytest.approx(S_MAX)
+    assert cos(0.25) == pytest.approx(S_MAX / 2)
+    # Eq. 4 with b = 1..B: s = 1/s_max + (s_max - 1/s_max)(b - 1)/(B - 1)
+    B = 7
+    for b in range(1, B + 1):
+        assert lin.at(b - 1, B) == pytest.approx(1 / S_MAX + (S_MAX - 1 / S_MAX) * (b - 1) / (B - 1))
+    assert ConstantMaskScale(3.0).at(5, 9) == 3.0
+    assert isinstance(make_schedule("linear", 10.0), LinearMaskScale)
+    with pytest.raises(ValueError, match="unknown mask-scale schedule"):
+        make_schedule("exp", 10.0)
+
+
+def test_layerwise_regularization_is_equation_5():
+    cfg = HATConfig(num_tasks=4)
+    net = TinyMLP(cfg)
+    with torch.no_grad():
+        net.fc1.mask_embedding[0] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+        net.fc2.mask_embedding[0] = torch.tensor([-1.0, -1.0])
+    mark_task_trained(net, 0)
+    s = 0.7
+    reg = hat_regularization(net, 1, s)
+    expected = 0.0
+    for layer in (net.fc1, net.fc2):
+        a = torch.sigmoid(s * layer.mask_embedding[1].detach())
+        prev = (layer.mask_embedding[0] > 0).float()
+        expected += max((a * (1 - prev)).sum().item() / (1 - prev).sum().item() - 1 / 4, 0.0)
+    assert reg.item() == pytest.approx(expected, rel=1e-6)
+    glob = hat_regularization(net, 1, s, kind="global")
+    num = sum((torch.sigmoid(s * l.mask_embedding[1].detach()) * (l.mask_embedding[0] <= 0)).sum() for l in (net.fc1, net.fc2))
+    den = sum((l.mask_embedding[0] <= 0).sum() for l in (net.fc1, net.fc2))
+    assert glob.item() == pytest.approx((num / den).item(), rel=1e-6)
+
+
+def test_mask_inits():
+    for init, check in (("dense", lambda e: bool((e == 1).all())), ("sparse", lambda e: bool((e == -1).all())),
+                        ("normal", lambda e: 0.5 < e.std().item() < 1.5)):
+        layer = HATLinear(4, 256, HATConfig(num_tasks=2, mask_init=init))
+        assert check(layer.mask_embedding.detach()), init
