@@ -64,6 +64,40 @@ def scale_grad(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _ScaleGrad.apply(tensor, factor)
 
 
+class _NullifiedLinear(torch.autograd.Function):
+    """``F.linear`` whose weight and bias gradients are multiplied by Eq. 2's factors.
+
+    It computes the weight gradient itself and scales it in place (a buffer it owns), so training
+    costs no weight-sized temporary; the input gradient is untouched.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_factor, bias_factor):
+        ctx.save_for_backward(x, weight, weight_factor, bias_factor)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, weight_factor, bias_factor = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        dtype = grad.dtype  # under autocast the saved tensors may be in another precision
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight.to(dtype)).to(x.dtype)
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = grad2d.t().mm(x.reshape(-1, x.shape[-1]).to(dtype))
+            grad_w = grad_w.mul_(weight_factor.to(dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2d.sum(0).mul_(bias_factor.to(dtype)).to(bias_factor.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def nullified_linear(x, weight, bias, weight_factor, bias_factor):
+    """``F.linear(x, weight, bias)`` with Eq. 2 applied to the weight and bias gradients."""
+    return _NullifiedLinear.apply(x, weight, bias, weight_factor, bias_factor)
+
+
 def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None) -> torch.Tensor:
     """Units owned by the trained tasks other than ``task_id``: ``max_{t' != t} 1[e^{t'} > 0]``.
 

@@ -75,8 +75,11 @@ class HATModule(nn.Module):
         self.mask_embedding.data.clamp_(-c, c)
 
     # --------------------------------------------------------------------------- forward
-    def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1) -> HATPayload:
-        """Shared forward: checks, Eq. 2 on weight and bias, the layer itself, the pending mask."""
+    def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1, nullified=None) -> HATPayload:
+        """Shared forward: checks, Eq. 2 on weight and bias, the layer itself, the pending mask.
+
+        ``compute(x, weight, bias)`` is the plain layer; ``nullified(x, weight, bias, weight_factor,
+        bias_factor)``, if given, is a fused version applying Eq. 2 in its own backward."""
         payload = as_payload(self, payload)
         task_id, scale = payload.task_id, payload.mask_scale
         self.hat_config.check_task_id(task_id)
@@ -97,7 +100,7 @@ class HATModule(nn.Module):
                 )
             return payload.derive(compute(x, weight, bias))
         owned = None
-        if training:
+        if training:  # Eq. 2 on weight and bias gradients; masks trained with clamped embeddings
             self._warn_unmarked_task(task_id)
             if scale is not None:
                 self.clamp_embedding_()
@@ -105,10 +108,16 @@ class HATModule(nn.Module):
             in_owned = payload.ownership
             if in_owned is not None and (payload.mask_dim != in_axis % x.ndim or in_owned.numel() != in_units):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
-            weight = scale_grad(weight, nullification_factor(owned, in_owned, weight.ndim, groups))
-            if bias is not None:
-                bias = scale_grad(bias, 1.0 - owned)
-        out = compute(x, weight, bias)
+            weight_factor = nullification_factor(owned, in_owned, weight.ndim, groups)
+            if nullified is not None:
+                out = nullified(x, weight, bias, weight_factor, 1.0 - owned)
+            else:
+                weight = scale_grad(weight, weight_factor)
+                if bias is not None:
+                    bias = scale_grad(bias, 1.0 - owned)
+                out = compute(x, weight, bias)
+        else:
+            out = compute(x, weight, bias)
         mask = self.mask(task_id, scale)
         return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)
 

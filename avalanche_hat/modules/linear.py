@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HATConfig
+from ..mechanism.masks import nullified_linear
 from ..payload import HATPayload
 from .base import HATModule
 
@@ -24,7 +25,7 @@ class HATLinear(nn.Linear, HATModule):
         self._init_hat(hat_config, out_features, device, dtype)
 
     def forward(self, payload: HATPayload) -> HATPayload:
-        return self._hat_forward(payload, F.linear, self.in_features, -1)
+        return self._hat_forward(payload, F.linear, self.in_features, -1, nullified=nullified_linear)
 
     @classmethod
     def from_base_module(cls, module: nn.Linear, hat_config: HATConfig) -> "HATLinear":

@@ -1,0 +1,104 @@
+"""Training-step cost of a HAT layer against its plain counterpart, as a ratio measured in one run.
+
+The HAT side runs the full training path of a second task: a soft mask at a mid-range scale, the
+compensated embedding gradient, the ownership of the first task and Eq. 2 on the weights.
+
+    python benchmarks/layer_overhead.py [--rounds 15] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from avalanche_hat import HATConfig, HATPayload, mark_task_trained
+from avalanche_hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLayerNorm
+
+
+def cases(cfg: HATConfig, device):
+    """(name, plain step, HAT step) triples; each step runs forward and backward once."""
+
+    def linear():
+        plain, hat = nn.Linear(1024, 1024), HATLinear(1024, 1024, cfg)
+        x = torch.randn(128, 1024, device=device)
+        return "Linear 1024->1024, batch 128", plain, hat, x, lambda m, x: m(x), lambda m, x: m(x).data
+
+    def conv_bn():
+        plain = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64))
+        hat = nn.ModuleList([HATConv2d(64, 64, 3, cfg, padding=1, bias=False), TaskIndexedBatchNorm2d(64, cfg)])
+        x = torch.randn(32, 64, 32, 32, device=device)
+        return ("Conv2d 64->64 3x3 + BatchNorm2d, 32x32, batch 32", plain, hat, x,
+                lambda m, x: m(x), lambda m, x: m[1](m[0](x)).data)
+
+    def conv_relu():
+        plain = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        hat = HATConv2d(64, 64, 3, cfg, padding=1)
+        relu, pool = nn.ReLU(), nn.MaxPool2d(2)
+        x = torch.randn(32, 64, 32, 32, device=device)
+        return ("Conv2d 64->64 3x3 + ReLU + MaxPool, 32x32, batch 32", plain, hat, x,
+                lambda m, x: m(x), lambda m, x: m(x).forward_by(relu).forward_by(pool).data)
+
+    def linear_ln():
+        plain = nn.Sequential(nn.Linear(192, 768), nn.LayerNorm(768))
+        hat = nn.ModuleList([HATLinear(192, 768, cfg), TaskIndexedLayerNorm(768, cfg)])
+        x = torch.randn(32, 197, 192, device=device)
+        return ("Linear 192->768 + LayerNorm, 32x197 tokens", plain, hat, x,
+                lambda m, x: m(x), lambda m, x: m[1](m[0](x)).data)
+
+    return [linear(), conv_bn(), conv_relu(), linear_ln()]
+
+
+def time_steps(fn, steps: int, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=2)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    print(f"{'case':<55} {'plain ms':>9} {'HAT ms':>9} {'ratio':>7}")
+    for name, plain, hat, x, run_plain, run_hat in cases(cfg, device):
+        plain.to(device).train()
+        hat.to(device).train()
+        with torch.no_grad():  # task 0 owns half of every HAT layer's units
+            for m in hat.modules():
+                if hasattr(m, "mask_embedding"):
+                    m.mask_embedding[0, ::2] = -1.0
+        mark_task_trained(hat, 0)
+        payload = HATPayload(x, task_id=1, mask_scale=50.0)
+
+        def step_plain():
+            run_plain(plain, x).sum().backward()
+
+        def step_hat():
+            run_hat(hat, payload).sum().backward()
+
+        for _ in range(3):  # warm-up
+            step_plain(), step_hat()
+        ratios, tp, th = [], [], []
+        for _ in range(args.rounds):
+            a = time_steps(step_plain, args.steps, device)
+            b = time_steps(step_hat, args.steps, device)
+            tp.append(a), th.append(b), ratios.append(b / a)
+        print(f"{name:<55} {1e3 * statistics.median(tp):9.2f} {1e3 * statistics.median(th):9.2f} "
+              f"{statistics.median(ratios):7.3f}")
+
+
+if __name__ == "__main__":
+    main()
