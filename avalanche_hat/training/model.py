@@ -1,0 +1,160 @@
+"""HATMultiTaskModel: a HAT network as an Avalanche ``MultiTaskModule`` with one head per task."""
+from __future__ import annotations
+
+import torch
+from avalanche.models import DynamicModule, MultiTaskModule
+from torch import nn
+
+from ..config import HATConfig
+from ..modules import TaskIndexedLinear
+from ..network import hat_modules
+from ..payload import HATPayload
+
+
+def network_hat_config(model: nn.Module) -> HATConfig:
+    """The HATConfig the HAT layers of ``model`` share (a clear error if there are none or they differ)."""
+    configs = {id(layer.hat_config): layer.hat_config for _, layer in hat_modules(model)}
+    if not configs:
+        raise ValueError(
+            f"{type(model).__name__} has no HAT layers (HATLinear, HATConv2d, ...): HAT can only protect "
+            "tasks in a network built from them, e.g. timm.create_model('hat_resnet18s', hat_config=...) "
+            "after `import avalanche_hat.timm_models`, or a network of avalanche_hat.modules layers"
+        )
+    num_tasks = {c.num_tasks for c in configs.values()}
+    if len(num_tasks) > 1:
+        raise ValueError(f"the HAT layers of {type(model).__name__} disagree on num_tasks: {sorted(num_tasks)}")
+    return next(iter(configs.values()))
+
+
+def check_no_lazy_modules(model: nn.Module) -> None:
+    """Refuse Avalanche dynamic modules (MultiHeadClassifier, IncrementalClassifier, ...) below the root:
+    they add parameters when a new task or class shows up, so DDP, optimizers and checkpoints would
+    not see one fixed set of parameters, and a head created at evaluation would be untrained."""
+    for name, module in model.named_modules():
+        if name and isinstance(module, DynamicModule):
+            raise ValueError(
+                f"{name} is an Avalanche {type(module).__name__}, which creates heads lazily when a new "
+                "task shows up. With HAT every head and mask embedding exists before training: use "
+                "avalanche_hat.modules.TaskIndexedLinear(in_features, num_classes, hat_config) as the "
+                "per-task head, or let HATMultiTaskModel(backbone, num_classes=...) add it"
+            )
+
+
+class HATMultiTaskModel(MultiTaskModule):
+    """A HAT network as an Avalanche multi-task model (task-incremental learning, one head per task).
+
+    Args:
+        backbone: a network of HAT layers whose forward takes a :class:`HATPayload` and returns a
+            tensor or a payload; for example ``timm.create_model('hat_resnet18s', hat_config=cfg,
+            num_classes=N)`` (logits from its own per-task head) or with ``num_classes=0`` (features).
+        num_classes: classes per task. Given, a per-task head ``TaskIndexedLinear(num_features,
+            num_classes)`` is created here for every task at once; leave it None when the backbone
+            already ends in per-task heads (it must then say so with ``backbone.num_classes > 0``).
+        hat_config: the backbone's HATConfig (found in its layers when omitted).
+        num_features: width of the backbone's output; defaults to ``backbone.num_features``.
+
+    ``mask_scale`` is the scale ``s`` of the soft masks used while training; the :class:`HATPlugin`
+    sets it every iteration. In eval mode, or while it is None, the masks are binary (inference).
+    ``forward(x, task_labels)`` splits a mixed-task minibatch by task and returns logits.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int | None = None,
+        hat_config: HATConfig | None = None,
+        *,
+        num_features: int | None = None,
+    ) -> None:
+        super().__init__()
+        found = network_hat_config(backbone)
+        if hat_config is None:
+            hat_config = getattr(backbone, "hat_config", None) or found
+        if not isinstance(hat_config, HATConfig):
+            raise TypeError(f"hat_config must be a HATConfig, got {type(hat_config).__name__}")
+        if hat_config.num_tasks != found.num_tasks:
+            raise ValueError(
+                f"hat_config has num_tasks={hat_config.num_tasks} but the backbone's HAT layers were built "
+                f"for {found.num_tasks}: pass the config the backbone was built with (or omit hat_config)"
+            )
+        check_no_lazy_modules(backbone)
+        self.backbone = backbone
+        self.hat_config = hat_config
+        self.mask_scale: float | None = None
+
+        backbone_classes = getattr(backbone, "num_classes", None) or 0
+        if num_classes is None:
+            if backbone_classes <= 0:
+                raise ValueError(
+                    f"{type(backbone).__name__} returns features, not per-task logits: pass num_classes "
+                    "(classes per task) so that a per-task head is created for every task"
+                )
+            self.head = None
+            self.num_classes = int(backbone_classes)
+        else:
+            if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+                raise ValueError(f"num_classes must be a positive int (classes per task), got {num_classes!r}")
+            if backbone_classes > 0:
+                raise ValueError(
+                    f"{type(backbone).__name__} already ends in a {backbone_classes}-class head: create it "
+                    "with num_classes=0 to add a HAT head here, or pass num_classes=None to use its own"
+                )
+            if num_features is None:
+                num_features = getattr(backbone, "num_features", None)
+            if not isinstance(num_features, int) or num_features < 1:
+                raise ValueError(
+                    f"cannot tell the output width of {type(backbone).__name__}: pass num_features= "
+                    "(or give the backbone a num_features attribute)"
+                )
+            self.head = TaskIndexedLinear(num_features, num_classes, hat_config)
+            self.num_classes = num_classes
+        self.num_features = num_features
+
+    # ------------------------------------------------------------------------------ checks
+    def check_task_label(self, task_label: int) -> int:
+        task = int(task_label)
+        if not 0 <= task < self.hat_config.num_tasks:
+            raise ValueError(
+                f"task label {task} is outside the {self.hat_config.num_tasks} tasks this HAT model was "
+                f"built for (task ids 0..{self.hat_config.num_tasks - 1}): build the network with "
+                "HATConfig(num_tasks=...) at least as large as the number of tasks in the stream"
+            )
+        return task
+
+    def adaptation(self, experience) -> None:
+        """Avalanche's model adaptation: nothing is created (every head exists already); task labels
+        outside the model are refused here, before any training step."""
+        for task in getattr(experience, "task_labels", []):
+            self.check_task_label(task)
+        super().adaptation(experience)
+
+    # ----------------------------------------------------------------------------- forward
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        task = self.check_task_label(task_label)
+        scale = self.mask_scale if self.training else None
+        out = self.backbone(HATPayload(x, task_id=task, mask_scale=scale))
+        if self.head is not None:
+            return self.head(out, task)
+        return out.data if isinstance(out, HATPayload) else out
+
+    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
+        """Logits for a minibatch whose samples may belong to different tasks."""
+        if task_labels is None:
+            return self.forward_all_tasks(x)
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels)
+        task_labels = torch.as_tensor(task_labels, device=x.device)
+        tasks = torch.unique(task_labels)
+        if tasks.numel() == 1:
+            return self.forward_single_task(x, int(tasks.item()))
+        out = None
+        for task in tasks.tolist():
+            select = task_labels == task
+            logits = self.forward_single_task(x[select], task)
+            if out is None:
+                out = logits.new_zeros((x.shape[0], *logits.shape[1:]))
+            out[select] = logits
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.hat_config.num_tasks}, num_classes={self.num_classes}, mask_scale={self.mask_scale}"

@@ -1,0 +1,234 @@
+"""HATPlugin: Hard Attention to the Task inside Avalanche's training loop."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiTaskModule
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..mechanism.schedules import MaskScaleSchedule, make_schedule
+from ..modules import HATModule, TaskIndexedLinear
+from ..network import clamp_embeddings_, hat_regularization, mark_task_trained, trained_tasks
+from .checkpoint import make_optimizers_picklable
+from .model import network_hat_config
+
+#: Coefficient of the mask-usage penalty: ``c = 0.75`` of the original HAT paper.
+DEFAULT_REG_COEF = 0.75
+SCALE_UNITS = ("epoch", "experience")
+REGULARIZATIONS = ("layerwise", "global")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def check_hat_model(model: nn.Module) -> nn.Module:
+    """Raise a clear error unless ``model`` is a multi-task model of HAT layers that takes a mask scale."""
+    model = unwrap_model(model)
+    network_hat_config(model)  # has HAT layers
+    if not isinstance(model, MultiTaskModule):
+        raise TypeError(
+            f"{type(model).__name__} is not an Avalanche MultiTaskModule, so the strategy would call it "
+            "without task labels: wrap it with avalanche_hat.HATMultiTaskModel(net, num_classes=...) "
+            "(the HAT strategy does this for you)"
+        )
+    if not hasattr(model, "mask_scale"):
+        raise TypeError(
+            f"{type(model).__name__} has no `mask_scale` attribute: a HAT-aware MultiTaskModule sets "
+            "self.mask_scale = None in __init__ and builds HATPayload(x, task_id=t, "
+            "mask_scale=self.mask_scale) in forward_single_task; or use avalanche_hat.HATMultiTaskModel"
+        )
+    return model
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse weight decay: it would move the weights HAT protects.
+
+    HAT protects earlier tasks by zeroing the gradient of the weights they own (Eq. 2). SGD's and
+    Adam's ``weight_decay`` (added to the gradient inside ``step``, after that) and the decoupled decay
+    of AdamW shrink every weight at every step, gradient or not, so earlier tasks would drift.
+    """
+    for index, group in enumerate(optimizer.param_groups):
+        decay = group.get("weight_decay", 0.0)
+        if decay:
+            raise ValueError(
+                f"{type(optimizer).__name__} param group {index} has weight_decay={decay}: set "
+                "weight_decay=0. HAT protects earlier tasks by zeroing the gradients of the weights "
+                "they own, and weight decay would still move those weights (every step, whatever "
+                "the gradient), so earlier tasks would be forgotten. For a decay that respects "
+                "ownership, use HAT(..., weight_decay=...) / HATPlugin(weight_decay=...) instead."
+            )
+
+
+class HATPlugin(SupervisedPlugin, supports_distributed=True):
+    """Hard Attention to the Task (Serrà et al., 2018; HAT-CL) as an Avalanche plugin.
+
+    In the training loop it
+
+    - checks that each experience is one task the model has not learned yet (HAT needs task ids:
+      a class-incremental stream, whose experiences all carry task label 0, is refused);
+    - refuses weight decay (``check_optimizer``) and resets the optimizer state (momentum, Adam
+      moments) at each experience, so that nothing moves weights whose gradient HAT zeroes;
+    - sets the model's ``mask_scale`` every iteration from a schedule (HAT-CL's cosine by default,
+      the original linear one with ``schedule="linear"``), over a unit of training that is an epoch
+      by default; evaluation uses binary masks;
+    - adds ``reg_coef * hat_regularization(...)`` to the loss (``before_backward``);
+    - marks the task trained at the end of the experience (``mark_task_trained``), which protects
+      its units from then on.
+
+    Args:
+        reg_coef: coefficient of the mask-usage penalty (original HAT: 0.75).
+        regularization: ``"layerwise"`` (HAT-CL Eq. 5, per layer with a quota) or ``"global"``
+            (the original ratio over all layers).
+        quota: share of each layer's free units a task may use before the layerwise penalty acts
+            (default ``1 / num_tasks``).
+        schedule: ``"cosine"`` (HAT-CL Eq. 6), ``"linear"`` (original Eq. 4) or a
+            :class:`~avalanche_hat.MaskScaleSchedule`.
+        max_mask_scale: ``s_max`` for a schedule given by name; defaults to the model's
+            ``HATConfig.max_mask_scale``.
+        scale_unit: what one period of the schedule spans: ``"epoch"``, ``"experience"``, or a
+            number of iterations.
+        weight_decay: an L2 penalty that respects ownership: on the weights of HAT layers' output
+            units that no earlier task owns and on the current task's head; owned units never
+            decay. 0 disables it.
+        allow_task_revisit: train again on a task id that is already learned (it is then trained
+            on its own units and what is free, every other task stays protected). Off by default,
+            because a repeated task id usually means a class-incremental stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        reg_coef: float = DEFAULT_REG_COEF,
+        regularization: str = "layerwise",
+        quota: float | None = None,
+        schedule: str | MaskScaleSchedule = "cosine",
+        max_mask_scale: float | None = None,
+        scale_unit: str | int = "epoch",
+        weight_decay: float = 0.0,
+        allow_task_revisit: bool = False,
+    ) -> None:
+        super().__init__()
+        if not reg_coef >= 0:
+            raise ValueError(f"reg_coef must be >= 0, got {reg_coef}")
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(f"regularization must be one of {REGULARIZATIONS}, got {regularization!r}")
+        if quota is not None and not 0 <= quota <= 1:
+            raise ValueError(f"quota must be in [0, 1] or None, got {quota}")
+        if isinstance(scale_unit, bool) or not (
+            scale_unit in SCALE_UNITS or (isinstance(scale_unit, int) and scale_unit >= 1)
+        ):
+            raise ValueError(f"scale_unit must be one of {SCALE_UNITS} or a positive number of iterations, got {scale_unit!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not isinstance(schedule, MaskScaleSchedule):
+            make_schedule(schedule, 1.0)  # fail now on an unknown name
+        self.reg_coef = float(reg_coef)
+        self.regularization = regularization
+        self.quota = quota
+        self.schedule = schedule
+        self.max_mask_scale = max_mask_scale
+        self.scale_unit = scale_unit
+        self.weight_decay = float(weight_decay)
+        self.allow_task_revisit = allow_task_revisit
+        # Per-experience state, set in before_training_exp.
+        self.task_id: int | None = None
+        self._schedule: MaskScaleSchedule | None = None
+        self._unit_batches = 1
+
+    # ------------------------------------------------------------------------- experience
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        """Check everything first (nothing is touched if one check fails), then reset the optimizer."""
+        model = check_hat_model(strategy.model)
+        check_optimizer(strategy.optimizer)
+        self.task_id = self._experience_task(strategy, model)
+        config = network_hat_config(model)
+        max_scale = self.max_mask_scale if self.max_mask_scale is not None else config.max_mask_scale
+        self._schedule = make_schedule(self.schedule, max_scale)
+        per_epoch = max(len(strategy.dataloader), 1)
+        if self.scale_unit == "epoch":
+            self._unit_batches = per_epoch
+        elif self.scale_unit == "experience":
+            self._unit_batches = per_epoch * max(strategy.train_epochs, 1)
+        else:
+            self._unit_batches = int(self.scale_unit)
+        strategy.optimizer.state = defaultdict(dict)
+
+    def _experience_task(self, strategy, model: nn.Module) -> int:
+        experience = strategy.experience
+        labels = sorted(set(getattr(experience, "task_labels", [0])))
+        data_labels = getattr(getattr(strategy, "adapted_dataset", None), "targets_task_labels", None)
+        if data_labels is not None:
+            labels = sorted(set(labels) | set(data_labels.uniques))
+        if len(labels) != 1:
+            raise ValueError(
+                f"experience {experience.current_experience} mixes task labels {labels}: HAT learns one "
+                "task per experience (replay of earlier tasks or joint training do not apply; HAT "
+                "needs no replay to keep earlier tasks)"
+            )
+        task = int(labels[0])
+        if task in trained_tasks(model) and not self.allow_task_revisit:
+            raise ValueError(
+                f"experience {experience.current_experience} has task label {task}, which this HAT model "
+                f"has already learned (trained tasks: {trained_tasks(model)}). HAT needs task ids: a "
+                "class-incremental stream gives every experience task label 0. Use a task-incremental "
+                "benchmark (e.g. SplitCIFAR10(..., return_task_id=True)), or pass "
+                "allow_task_revisit=True to train task {task} again on purpose"
+                .replace("{task}", str(task))
+            )
+        return task
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        model = unwrap_model(strategy.model)
+        clamp_embeddings_(model)
+        mark_task_trained(model, self.task_id)
+        model.mask_scale = None
+
+    # -------------------------------------------------------------------------- iteration
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        clock = strategy.clock  # its iteration counters are exact from here to after_update
+        batch = clock.train_epoch_iterations if self.scale_unit == "epoch" else clock.train_exp_iterations
+        unwrap_model(strategy.model).mask_scale = self._schedule.at(batch, self._unit_batches)
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        model = unwrap_model(strategy.model)
+        scale = model.mask_scale
+        if self.reg_coef:
+            penalty = hat_regularization(model, self.task_id, scale, kind=self.regularization, quota=self.quota)
+            strategy.loss += self.reg_coef * penalty
+        if self.weight_decay:
+            strategy.loss += 0.5 * self.weight_decay * ownership_respecting_l2(model, self.task_id)
+
+    # ------------------------------------------------------------------------------- eval
+    def before_eval(self, strategy, **kwargs) -> None:
+        unwrap_model(strategy.model).mask_scale = None
+
+    def after_eval(self, strategy, **kwargs) -> None:
+        # Periodic evaluation inside training: the next iteration sets the scale again.
+        unwrap_model(strategy.model).mask_scale = None
+
+    # ------------------------------------------------------------------------ checkpoints
+    def __getstate__(self):
+        make_optimizers_picklable()
+        return self.__dict__.copy()
+
+
+def ownership_respecting_l2(model: nn.Module, task_id: int) -> torch.Tensor:
+    """``sum w^2`` over the weights of HAT layers' output units that no other trained task owns, plus
+    the weight of task ``task_id``'s heads. Owned units are left out, so this decay never moves them."""
+    total = None
+    for module in model.modules():
+        if isinstance(module, HATModule):
+            free = 1.0 - module.ownership(task_id)
+            squares = module.weight.pow(2).flatten(1).sum(1)
+            term = (free.to(squares.dtype) * squares).sum()
+        elif isinstance(module, TaskIndexedLinear):
+            term = module.copy_for(task_id).weight.pow(2).sum()
+        else:
+            continue
+        total = term if total is None else total + term
+    return total

@@ -1,0 +1,159 @@
+"""HAT: the Avalanche strategy (a ``SupervisedTemplate`` with the HATPlugin), like EWC or PackNet."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from avalanche.core import BasePlugin
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
+from avalanche.models import MultiTaskModule
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins.evaluation import default_loggers
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from torch.optim import Optimizer
+
+from ..config import HATConfig
+from ..mechanism.schedules import MaskScaleSchedule
+from ..network import trained_tasks
+from .checkpoint import make_optimizers_picklable
+from .metrics import hat_capacity_metrics
+from .model import HATMultiTaskModel, check_no_lazy_modules
+from .plugin import DEFAULT_REG_COEF, HATPlugin, check_hat_model, check_optimizer, unwrap_model
+
+
+def default_hat_evaluator() -> EvaluationPlugin:
+    """Accuracy and loss (epoch, experience, stream), forgetting (experience, stream) and the HAT
+    capacity metric, shown by Avalanche's InteractiveLogger."""
+    return EvaluationPlugin(
+        accuracy_metrics(epoch=True, experience=True, stream=True),
+        loss_metrics(epoch=True, experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        hat_capacity_metrics(per_layer=False),
+        loggers=default_loggers,
+    )
+
+
+def as_hat_model(
+    model: nn.Module,
+    num_classes: int | None = None,
+    hat_config: HATConfig | None = None,
+) -> MultiTaskModule:
+    """``model`` as a HAT multi-task model: a HAT-aware MultiTaskModule as it is, a plain HAT network
+    wrapped in :class:`HATMultiTaskModel` (with one head per task if it returns features)."""
+    inner = unwrap_model(model)
+    if isinstance(inner, MultiTaskModule):
+        if num_classes is not None and not isinstance(inner, HATMultiTaskModel):
+            raise ValueError(
+                f"{type(inner).__name__} is already a multi-task model with its own heads: drop num_classes"
+            )
+        if isinstance(inner, HATMultiTaskModel) and num_classes not in (None, inner.num_classes):
+            raise ValueError(
+                f"the model has {inner.num_classes} classes per task but num_classes={num_classes} was given"
+            )
+        check_hat_model(model)
+        check_no_lazy_modules(inner)
+        return model
+    return HATMultiTaskModel(model, num_classes=num_classes, hat_config=hat_config)
+
+
+def _add_new_parameters(optimizer: Optimizer, model: nn.Module) -> None:
+    """Put the parameters the wrapper created (the heads) into the user's optimizer now, so that it
+    holds one fixed set of parameters from the start (Avalanche would add them at the first
+    experience, and fails to place them when the optimizer has several param groups)."""
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [p for p in model.parameters() if id(p) not in known]
+    if not new:
+        return
+    if len(optimizer.param_groups) == 1:
+        optimizer.param_groups[0]["params"].extend(new)
+    else:
+        optimizer.add_param_group({"params": new})
+
+
+class HAT(SupervisedTemplate):
+    """Hard Attention to the Task (Serrà et al., ICML 2018; HAT-CL).
+
+    Task-incremental learning with zero forgetting: each task learns a binary mask over the units of
+    every HAT layer, and the weights of units earlier tasks use are never changed again. The model is
+    a HAT network (for example ``timm.create_model('hat_resnet18s', hat_config=HATConfig(num_tasks=5),
+    num_classes=0)`` after ``import avalanche_hat.timm_models``), turned into a multi-head model here,
+    or a HAT-aware Avalanche MultiTaskModule (see :class:`HATMultiTaskModel`). Every head and mask
+    embedding exists before training. The stream must carry task labels (``return_task_id=True``).
+
+    :param model: the HAT network or HAT multi-task model.
+    :param optimizer: any torch optimizer without weight decay; its state is reset per experience.
+    :param criterion: the loss (cross entropy).
+    :param num_classes: classes per task when the network returns features: a per-task head of that
+        width is added. Leave None if the model already has per-task heads.
+    :param hat_config: the network's HATConfig (found in its layers when omitted).
+    :param reg_coef, regularization, quota, schedule, max_mask_scale, scale_unit, weight_decay,
+        allow_task_revisit: see :class:`HATPlugin`.
+    :param train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every:
+        as for every Avalanche strategy; ``plugins`` are kept (the HATPlugin is added to a copy of the
+        list). The default evaluator adds the HAT capacity metric to accuracy, loss and forgetting.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: Optimizer,
+        criterion=CrossEntropyLoss(),
+        num_classes: Optional[int] = None,
+        hat_config: Optional[HATConfig] = None,
+        reg_coef: float = DEFAULT_REG_COEF,
+        regularization: str = "layerwise",
+        quota: Optional[float] = None,
+        schedule: Union[str, MaskScaleSchedule] = "cosine",
+        max_mask_scale: Optional[float] = None,
+        scale_unit: Union[str, int] = "epoch",
+        weight_decay: float = 0.0,
+        allow_task_revisit: bool = False,
+        train_mb_size: int = 1,
+        train_epochs: int = 1,
+        eval_mb_size: Optional[int] = None,
+        device: Union[str, torch.device] = "cpu",
+        plugins: Optional[Sequence[BasePlugin]] = None,
+        evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_hat_evaluator,
+        eval_every: int = -1,
+        **base_kwargs,
+    ) -> None:
+        check_optimizer(optimizer)
+        model = as_hat_model(model, num_classes=num_classes, hat_config=hat_config)
+        _add_new_parameters(optimizer, model)
+        self.hat_plugin = HATPlugin(
+            reg_coef=reg_coef,
+            regularization=regularization,
+            quota=quota,
+            schedule=schedule,
+            max_mask_scale=max_mask_scale,
+            scale_unit=scale_unit,
+            weight_decay=weight_decay,
+            allow_task_revisit=allow_task_revisit,
+        )
+        plugins = [*(plugins or []), self.hat_plugin]
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **base_kwargs,
+        )
+
+    @property
+    def trained_tasks(self) -> list[int]:
+        """The task ids learned so far (protected from now on)."""
+        return trained_tasks(unwrap_model(self.model))
+
+    def __getstate__(self):
+        # Avalanche's save_checkpoint pickles the strategy with dill: see .checkpoint.
+        make_optimizers_picklable()
+        return self.__dict__.copy()
