@@ -1,0 +1,279 @@
+"""``avalanche-hat-bench`` / ``python -m avalanche_hat.bench``: the leaderboard of HAT against
+Avalanche's strategies on one task-incremental benchmark, same network, budget and seeds.
+
+With no arguments: Split Fashion-MNIST (5 tasks of 2 classes, real data from Debian's
+``dataset-fashion-mnist`` or ``--data-root``), all 8 methods, one seed, on the CPU; results in
+``./leaderboard-results``. ``--tune`` picks EWC's, SI's, LwF's and HAT's coefficients on a 10%
+holdout of the training data instead (never the test set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+DEFAULT_OUT = "leaderboard-results"
+
+# The default budget, chosen so that all 8 methods finish within 15 minutes on 2 CPU cores.
+DEFAULTS = {"epochs": 3, "batch_size": 64, "lr": 0.01, "optimizer": "sgd", "network": "mlp"}
+
+TUNING_GRID = {
+    "EWC": ("ewc_lambda", [1e2, 1e3, 1e4, 1e5]),
+    "SI": ("si_lambda", [1.0, 10.0, 100.0]),
+    "LwF": ("lwf_alpha", [0.1, 1.0, 10.0]),
+    "HAT": ("hat_reg_coef", [0.1, 0.75, 2.5]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import BENCHMARKS
+    from .strategies import METHODS, HyperParameters
+
+    hp = HyperParameters()
+    p = argparse.ArgumentParser(
+        prog="avalanche-hat-bench",
+        description="Leaderboard of HAT and Avalanche's continual-learning strategies on one "
+                    "task-incremental benchmark (same network, budget and seeds for every method).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", choices=BENCHMARKS, default="fmnist",
+                   help="fmnist: Split Fashion-MNIST, 5 tasks (Debian's dataset-fashion-mnist or --data-root); "
+                        "digits: scikit-learn's digits, 5 tasks (tiny, no download); cifar10: Split CIFAR-10, "
+                        "5 tasks; cifar100 / cifar100-20: Split CIFAR-100, 10 / 20 tasks (downloaded)")
+    g.add_argument("--data-root", default=None, help="folder of the data set (CIFAR: download target)")
+    g.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on this stratified share of the training data (test set unchanged)")
+    g = p.add_argument_group("methods and budget (the same for every method)")
+    g.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
+                   help=f"any of {', '.join(METHODS)} (comma or space separated), or all")
+    g.add_argument("--network", default=DEFAULTS["network"],
+                   help="mlp, cnn, or a timm family of avalanche_hat.timm_models (hat_X and cl_X), e.g. alexnet")
+    g.add_argument("--width", type=int, default=None, help="hidden width of mlp (400) / cnn (256)")
+    g.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs per task (PackNet needs >= 2)")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=DEFAULTS["optimizer"],
+                   help="sgd has momentum 0.9; the state is reset at every task for every method")
+    g.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; mean and std reported")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: robust when the cores are shared; 0: torch's default)")
+    g = p.add_argument_group("method hyper-parameters (defaults chosen with --tune on Split FMNIST)")
+    g.add_argument("--ewc-lambda", type=float, default=hp.ewc_lambda)
+    g.add_argument("--si-lambda", type=float, default=hp.si_lambda)
+    g.add_argument("--lwf-alpha", type=float, default=hp.lwf_alpha)
+    g.add_argument("--lwf-temperature", type=float, default=hp.lwf_temperature)
+    g.add_argument("--replay-mem-size", type=int, default=hp.replay_mem_size)
+    g.add_argument("--hat-reg-coef", type=float, default=hp.hat_reg_coef)
+    g.add_argument("--hat-max-mask-scale", type=float, default=hp.hat_max_mask_scale)
+    g.add_argument("--hat-schedule", choices=("cosine", "linear"), default=hp.hat_schedule)
+    g = p.add_argument_group("modes and output")
+    g.add_argument("--tune", action="store_true",
+                   help="choose EWC/SI/LwF/HAT coefficients on a 10%% holdout of the training data "
+                        "(grid: " + "; ".join(f"{m} {k} {v}" for m, (k, v) in TUNING_GRID.items()) + ")")
+    g.add_argument("--holdout", type=float, default=0.1, help="holdout share used by --tune")
+    g.add_argument("--no-forgetting", action="store_true",
+                   help="skip the Table 2 experiment (forget task 0 of the trained HAT model)")
+    g.add_argument("--forget-task", type=int, default=0, help="task forgotten in the Table 2 experiment")
+    g.add_argument("--out", default=DEFAULT_OUT, help="folder for the Markdown, CSV, JSON and PNG files")
+    g.add_argument("--name", default=None, help="file name stem (default: the benchmark name)")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _quiet_warnings() -> None:
+    """Hide the notices Avalanche prints on every run (its own deprecations, no logger, no QP
+    solver); every other warning is shown."""
+    warnings.filterwarnings("ignore", message="No loggers specified")
+    warnings.filterwarnings("ignore", message="no QP solver found")
+    # Avalanche's @deprecated resets the filters to "always" before warning, so filter at display.
+    show = warnings.showwarning
+    if getattr(show, "_avalanche_hat_quiet", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeprecationWarning) and "Call to deprecated function" in str(message):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    showwarning._avalanche_hat_quiet = True
+    warnings.showwarning = showwarning
+
+
+def _settings_and_hp(args, spec):
+    from .strategies import HyperParameters, TrainSettings
+
+    settings = TrainSettings(
+        network=args.network, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, device=args.device, num_tasks=spec.num_tasks,
+        classes_per_task=spec.classes_per_task, in_chans=spec.in_chans, img_size=spec.img_size,
+    )
+    hp = HyperParameters(
+        ewc_lambda=args.ewc_lambda, si_lambda=args.si_lambda, lwf_alpha=args.lwf_alpha,
+        lwf_temperature=args.lwf_temperature, replay_mem_size=args.replay_mem_size,
+        hat_reg_coef=args.hat_reg_coef, hat_max_mask_scale=args.hat_max_mask_scale, hat_schedule=args.hat_schedule,
+    )
+    return settings, hp
+
+
+def _command(argv) -> str:
+    return "avalanche-hat-bench" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_warnings()
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from .data import DataNotFound, make_benchmark
+    from .strategies import resolve_methods
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        methods = resolve_methods(args.methods)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if "PackNet" in methods and args.epochs < 2:
+        print("error: PackNet prunes after the first epochs and fine-tunes after: use --epochs >= 2 "
+              "or leave PackNet out (--methods ...)", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} but CUDA is not available here", file=sys.stderr)
+        return 2
+    try:
+        spec = make_benchmark(args.benchmark, data_root=args.data_root, train_fraction=args.train_fraction,
+                              holdout=args.holdout if args.tune else None)
+    except DataNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    stem = args.name or args.benchmark
+    if args.tune:
+        return _tune(args, argv, spec, methods, out, stem)
+    return _leaderboard(args, argv, spec, methods, out, stem)
+
+
+def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
+    from .report import aggregate, text_table, write_outputs
+    from .runner import run_method
+
+    settings, hp = _settings_and_hp(args, spec)
+    print(f"{spec.name}: {spec.num_tasks} tasks of {spec.classes_per_task} classes, {spec.train_size} training / "
+          f"{spec.test_size} test images from {spec.source} (loaded in {spec.load_seconds:.1f} s); "
+          f"network {settings.network}, {settings.epochs} epochs per task, batch {settings.batch_size}, "
+          f"{settings.optimizer} lr {settings.lr}, seeds {args.seeds}, device {settings.device}", flush=True)
+    wall = time.perf_counter()
+    results = []
+    hat_models = {}
+    for seed in args.seeds:
+        for method in methods:
+            r = run_method(method, spec.scenario, settings, hp, seed, progress=not args.no_progress,
+                           keep_model=(method == "HAT"))
+            if method == "HAT":
+                hat_models[seed] = r.model
+                r.model = None
+            results.append(r)
+            print(f"  {method:>13} seed {seed}: ACC {100 * r.acc:.2f}%  BWT {100 * r.bwt:+.2f}%  "
+                  f"train {r.train_seconds:.1f} s", flush=True)
+    wall = time.perf_counter() - wall
+    rows = aggregate(results)
+    config = {
+        "command": _command(argv), "benchmark": spec.describe(), "methods": methods, "seeds": args.seeds,
+        "settings": asdict(settings), "hyper_parameters": {m: r.config for m, r in
+                                                           {r.method: r for r in results}.items()},
+        "total_wall_seconds": round(wall, 1),
+    }
+    extra = []
+    forgetting = None
+    if "HAT" in methods and not args.no_forgetting:
+        from .forgetting import forgetting_experiment
+
+        seed = args.seeds[0]
+        forgetting = forgetting_experiment(hat_models[seed], spec.scenario.test_stream, task=args.forget_task,
+                                           device=settings.device)
+        config["forgetting"] = forgetting.to_dict()
+        extra += [f"## Forgetting task {args.forget_task} (HAT, seed {seed}; paper Table 2)", "",
+                  forgetting.to_markdown(), ""]
+    hat_result = next((r for r in results if r.method == "HAT"), None)
+    if hat_result is not None and hat_result.capacity:
+        extra += [f"## HAT capacity per task (seed {hat_result.seed})", "", hat_result.capacity["table"], ""]
+    paths = write_outputs(out, stem, rows, results, config, "\n".join(extra))
+    if not args.no_plots:
+        from . import plots
+
+        first = [r for r in results if r.seed == args.seeds[0]]
+        paths["matrices"] = plots.accuracy_matrices(
+            first, out / f"{stem}_accuracy_matrices.png",
+            title=f"{spec.name}: accuracy (%) after each task, seed {args.seeds[0]}")
+        if hat_result is not None and hat_result.capacity:
+            paths["capacity"] = plots.hat_capacity(hat_result.capacity, out / f"{stem}_hat_capacity.png",
+                                                   title=f"HAT on {spec.name}, seed {hat_result.seed}")
+        if forgetting is not None:
+            paths["forgetting"] = plots.forgetting_bars(forgetting.before, forgetting.after, forgetting.task,
+                                                        out / f"{stem}_forgetting.png",
+                                                        chance=max(forgetting.chance))
+    print()
+    print(text_table(rows))
+    if forgetting is not None:
+        print()
+        print(f"Forgetting task {forgetting.task} of HAT (seed {args.seeds[0]}), accuracy (%):")
+        print(forgetting.to_markdown())
+    print()
+    print(f"total wall time {wall:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _tune(args, argv, spec, methods, out: Path, stem: str) -> int:
+    """Grid search on the holdout: every value of each method's coefficient, the best by holdout ACC."""
+    from .runner import run_method
+
+    settings, hp = _settings_and_hp(args, spec)
+    grid = {m: v for m, v in TUNING_GRID.items() if m in methods}
+    if not grid:
+        print(f"error: --tune covers {', '.join(TUNING_GRID)}; none of them is in --methods", file=sys.stderr)
+        return 2
+    print(f"tuning on {spec.evaluation_set}: {spec.train_size} training / {spec.test_size} holdout images; "
+          f"seeds {args.seeds}", flush=True)
+    start = time.perf_counter()
+    trials, chosen = [], {}
+    for method, (key, values) in grid.items():
+        scores = {}
+        for value in values:
+            accs = []
+            for seed in args.seeds:
+                r = run_method(method, spec.scenario, settings, replace(hp, **{key: value}), seed,
+                               progress=not args.no_progress)
+                accs.append(r.acc)
+                trials.append({"method": method, key: value, "seed": seed, "holdout_acc": r.acc, "bwt": r.bwt})
+            scores[value] = sum(accs) / len(accs)
+            print(f"  {method:>5} {key}={value:g}: holdout ACC {100 * scores[value]:.2f}%", flush=True)
+        best = max(scores, key=scores.get)
+        chosen[method] = {key: best, "holdout_acc": scores[best], "grid": {str(k): v for k, v in scores.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"command": _command(argv), "benchmark": spec.describe(), "settings": asdict(settings),
+              "seeds": args.seeds, "chosen": chosen, "trials": trials,
+              "wall_seconds": round(time.perf_counter() - start, 1)}
+    path = out / f"{stem}_tuning.json"
+    path.write_text(json.dumps(record, indent=2))
+    print()
+    for method, c in chosen.items():
+        key = next(k for k in c if k not in ("holdout_acc", "grid"))
+        print(f"{method}: {key} = {c[key]:g} (holdout ACC {100 * c['holdout_acc']:.2f}%)")
+    flags = " ".join(f"--{next(k for k in c if k not in ('holdout_acc', 'grid')).replace('_', '-')} "
+                     f"{c[next(k for k in c if k not in ('holdout_acc', 'grid'))]:g}" for c in chosen.values())
+    print(f"\nuse them with: avalanche-hat-bench {flags}\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Task-incremental benchmarks with their images preloaded as normalised tensors.
+
+Every benchmark is built by Avalanche's ``nc_benchmark`` (the generator behind ``SplitFMNIST``,
+``SplitCIFAR10`` and ``SplitCIFAR100``) with the same arguments those classic benchmarks use, plus a
+fixed class order, one task label per experience and class ids from 0 in each experience (so every
+task has a 2-way, or 10-/5-way, head). The images are decoded once into one float tensor: no
+per-sample PIL transform runs during training, so the CPU goes to the networks, not to loading.
+
+- ``fmnist``: real Fashion-MNIST read from its four IDX files: ``--data-root``, Debian's
+  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``) or torchvision's layout
+  under Avalanche's default data folder. 5 tasks of 2 classes.
+- ``digits``: scikit-learn's 8x8 digits (ships with scikit-learn, 1797 images), split 80/20 with a
+  fixed seed. 5 tasks of 2 classes. For tiny runs and CI.
+- ``cifar10`` (5 tasks), ``cifar100`` (10 tasks), ``cifar100-20`` (20 tasks): fetched by
+  Avalanche's own dataset getters (torchvision download to ``--data-root`` or Avalanche's default
+  folder), then preloaded.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
+# Channel statistics of the training sets (the usual published values).
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+BENCHMARKS = ("fmnist", "digits", "cifar10", "cifar100", "cifar100-20")
+TASKS = {"fmnist": 5, "digits": 5, "cifar10": 5, "cifar100": 10, "cifar100-20": 20}
+
+
+class DataNotFound(FileNotFoundError):
+    """A data set that cannot be downloaded here is not on disk."""
+
+
+class PreloadedImages(Dataset):
+    """Images as one float tensor plus integer targets (what ``nc_benchmark`` needs: ``.targets``)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = [int(t) for t in targets.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.targets[index]
+
+
+@dataclass
+class BenchmarkSpec:
+    """What was built, in words and numbers, for the report."""
+
+    name: str
+    scenario: object  # avalanche NCScenario
+    num_tasks: int
+    classes_per_task: int
+    in_chans: int
+    img_size: int
+    train_size: int
+    test_size: int
+    evaluation_set: str  # "test" or "holdout (10% of training data)"
+    source: str
+    class_order: list[int] = field(default_factory=list)
+    load_seconds: float = 0.0
+
+    def describe(self) -> dict:
+        return {
+            "benchmark": self.name, "num_tasks": self.num_tasks, "classes_per_task": self.classes_per_task,
+            "input": [self.in_chans, self.img_size, self.img_size], "train_size": self.train_size,
+            "eval_size": self.test_size, "evaluation_set": self.evaluation_set, "source": self.source,
+            "class_order": self.class_order, "load_seconds": round(self.load_seconds, 2),
+        }
+
+
+# ------------------------------------------------------------------------------------ raw loaders
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), gzipped or not, as a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x08: unsigned bytes
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {magic:#x})")
+    ndim = magic & 0xFF
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    return data.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def fmnist_folders(data_root: str | os.PathLike | None) -> list[Path]:
+    """Where Fashion-MNIST's IDX files are looked for, in order."""
+    folders = []
+    if data_root is not None:
+        root = Path(data_root).expanduser()
+        folders += [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
+    folders.append(DEBIAN_FMNIST)
+    avalanche_default = Path(os.environ.get("AVALANCHE_DATA", "~/.avalanche/data")).expanduser() / "fashionmnist"
+    folders.append(avalanche_default / "FashionMNIST" / "raw")
+    return folders
+
+
+def load_fmnist(data_root=None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], str]:
+    """Fashion-MNIST as ``(train_x, train_y), (test_x, test_y), folder``; images ``N x 1 x 28 x 28``,
+    normalised with the training set's mean and std."""
+    for folder in fmnist_folders(data_root):
+        paths = {k: _find_idx(folder, stem) for k, stem in FMNIST_FILES.items()}
+        if all(paths.values()):
+            break
+    else:
+        looked = "\n  ".join(str(f) for f in fmnist_folders(data_root))
+        raise DataNotFound(
+            "Fashion-MNIST not found. Looked for train-images-idx3-ubyte(.gz) and the three other IDX "
+            f"files in:\n  {looked}\nInstall Debian's package (sudo apt-get install dataset-fashion-mnist) "
+            "or pass --data-root FOLDER with the four files (or torchvision's FashionMNIST/raw layout); "
+            "--benchmark digits needs no download."
+        )
+
+    def images(key):
+        x = torch.from_numpy(_read_idx(paths[key]).copy()).float().div_(255.0).unsqueeze(1)
+        return x.sub_(FMNIST_MEAN[0]).div_(FMNIST_STD[0])
+
+    def labels(key):
+        return torch.from_numpy(_read_idx(paths[key]).astype(np.int64))
+
+    return (images("train_images"), labels("train_labels")), (images("test_images"), labels("test_labels")), str(folder)
+
+
+def load_digits(seed: int = 0):
+    """scikit-learn's digits: ``N x 1 x 8 x 8`` images in [0, 16] scaled to mean 0 / std 1 on the
+    training split; 80/20 stratified split with a fixed seed (independent of the run's seed)."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    data = sk_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(data.target, dtype=torch.int64)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=data.target)
+    tr, te = torch.from_numpy(tr), torch.from_numpy(te)
+    mean, std = x[tr].mean(), x[tr].std()
+    x = (x - mean) / std
+    return (x[tr], y[tr]), (x[te], y[te]), "sklearn.datasets.load_digits"
+
+
+def _torchvision_to_tensor(dataset, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision CIFAR data set (``.data`` uint8 N x 32 x 32 x 3) as normalised tensors, in one
+    vectorised pass (no PIL)."""
+    x = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x.contiguous(), torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+def load_cifar(num_classes: int, data_root=None):
+    """CIFAR-10/100 through Avalanche's getters (torchvision; downloads on first use)."""
+    from avalanche.benchmarks.datasets.external_datasets.cifar import get_cifar10_dataset, get_cifar100_dataset
+
+    getter, mean, std = ((get_cifar10_dataset, CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10
+                         else (get_cifar100_dataset, CIFAR100_MEAN, CIFAR100_STD))
+    train, test = getter(data_root)
+    return _torchvision_to_tensor(train, mean, std), _torchvision_to_tensor(test, mean, std), str(train.root)
+
+
+# ------------------------------------------------------------------------------ benchmark builder
+def stratified_holdout(targets: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(keep, holdout)``: ``fraction`` of every class held out, chosen with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(targets).tolist():
+        idx = (targets == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_held = int(round(fraction * len(idx)))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def stratified_subset(targets: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of ``fraction`` of every class (a documented training subset)."""
+    if fraction >= 1.0:
+        return torch.arange(len(targets))
+    _, subset = stratified_holdout(targets, fraction, seed)
+    return subset
+
+
+def split_benchmark(train, test, num_tasks: int, class_order: list[int]):
+    """Avalanche's task-incremental split of preloaded tensors (the arguments of SplitFMNIST /
+    SplitCIFAR with ``return_task_id=True`` and a fixed class order)."""
+    from avalanche.benchmarks import nc_benchmark
+
+    return nc_benchmark(
+        train_dataset=PreloadedImages(*train),
+        test_dataset=PreloadedImages(*test),
+        n_experiences=num_tasks,
+        task_labels=True,
+        fixed_class_order=class_order,
+        class_ids_from_zero_in_each_exp=True,
+    )
+
+
+def make_benchmark(
+    name: str = "fmnist",
+    *,
+    data_root=None,
+    holdout: float | None = None,
+    train_fraction: float = 1.0,
+    data_seed: int = 0,
+) -> BenchmarkSpec:
+    """Build benchmark ``name``.
+
+    Args:
+        holdout: if set (e.g. 0.1), that share of every class of the *training* data becomes the
+            evaluation set and the test set is not touched (hyper-parameter selection).
+        train_fraction: train on this stratified share of the training data (1.0: all of it).
+        data_seed: seed of the holdout and subset draws (the class order is fixed).
+    """
+    import time
+
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(BENCHMARKS)}")
+    start = time.perf_counter()
+    if name == "fmnist":
+        train, test, source = load_fmnist(data_root)
+        in_chans, img = 1, 28
+    elif name == "digits":
+        train, test, source = load_digits()
+        in_chans, img = 1, 8
+    else:
+        train, test, source = load_cifar(10 if name == "cifar10" else 100, data_root)
+        in_chans, img = 3, 32
+    num_classes = int(train[1].max()) + 1
+    num_tasks = TASKS[name]
+    evaluation = "test"
+    if holdout:
+        keep, held = stratified_holdout(train[1], holdout, data_seed)
+        test = (train[0][held], train[1][held])
+        train = (train[0][keep], train[1][keep])
+        evaluation = f"holdout ({100 * holdout:g}% of the training data)"
+    if train_fraction < 1.0:
+        sub = stratified_subset(train[1], train_fraction, data_seed + 1)
+        train = (train[0][sub], train[1][sub])
+    class_order = list(range(num_classes))
+    scenario = split_benchmark(train, test, num_tasks, class_order)
+    return BenchmarkSpec(
+        name=name, scenario=scenario, num_tasks=num_tasks, classes_per_task=num_classes // num_tasks,
+        in_chans=in_chans, img_size=img, train_size=len(train[1]), test_size=len(test[1]),
+        evaluation_set=evaluation, source=source, class_order=class_order,
+        load_seconds=time.perf_counter() - start,
+    )

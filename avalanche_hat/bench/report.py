@@ -1,0 +1,183 @@
+"""The leaderboard: one row per method (mean and spread over seeds), as Markdown, CSV and JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .runner import MethodResult
+
+COLUMNS = ("method", "ACC (%)", "BWT (%)", "forgetting (%)", "train time (s)", "parameters", "peak memory (MB)")
+
+
+@dataclass
+class Row:
+    method: str
+    seeds: list[int]
+    acc: list[float]
+    bwt: list[float]
+    forgetting: list[float]
+    train_seconds: list[float]
+    parameters: int
+    peak_memory_mb: list[float]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return math.nan, math.nan
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(results: list[MethodResult]) -> list[Row]:
+    """One row per method, in the order the methods were first run, sorted by mean ACC (best first)."""
+    rows: dict[str, Row] = {}
+    for r in results:
+        row = rows.setdefault(r.method, Row(r.method, [], [], [], [], [], r.parameters, []))
+        row.seeds.append(r.seed)
+        row.acc.append(r.acc)
+        row.bwt.append(r.bwt)
+        row.forgetting.append(r.forgetting)
+        row.train_seconds.append(r.train_seconds)
+        row.peak_memory_mb.append(r.peak_memory_mb)
+    return sorted(rows.values(), key=lambda row: -_mean_std(row.acc)[0])
+
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    sign = "+" if signed else ""
+    text = f"{scale * mean:{sign}.{digits}f}"
+    if text.lstrip("+-").strip("0.") == "":  # show an exact zero as 0.00, without a sign
+        text = f"{0:.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {scale * std:.{digits}f}"
+    return text
+
+
+def format_row(row: Row) -> list[str]:
+    return [
+        row.method,
+        _fmt(row.acc),
+        _fmt(row.bwt, signed=True),
+        _fmt(row.forgetting),
+        _fmt(row.train_seconds, scale=1.0, digits=1),
+        f"{row.parameters:,}",
+        _fmt(row.peak_memory_mb, scale=1.0, digits=1),
+    ]
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_row(row)) + " |")
+    return "\n".join(lines)
+
+
+def text_table(rows: list[Row]) -> str:
+    """The table for the terminal (fixed-width columns)."""
+    cells = [list(COLUMNS)] + [format_row(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    out = []
+    for k, c in enumerate(cells):
+        out.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def matrix_markdown(result: MethodResult) -> str:
+    """``matrix[i][j]`` as a table: rows = after training task i, columns = task j."""
+    t = len(result.matrix[0])
+    head = "| after | " + " | ".join(f"task {j}" for j in range(t)) + " |"
+    lines = [head, "|---|" + "---:|" * t]
+    labels = ["all tasks (joint)"] if len(result.matrix) == 1 else [f"task {i}" for i in range(len(result.matrix))]
+    for label, row in zip(labels, result.matrix):
+        lines.append(f"| {label} | " + " | ".join(f"{100 * v:.2f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import torch
+
+    import avalanche_hat
+
+    try:
+        from importlib.metadata import version
+
+        avalanche_version = version("avalanche-lib")
+    except Exception:  # pragma: no cover - not installed as a distribution
+        avalanche_version = "unknown"
+    return {
+        "avalanche_hat": avalanche_hat.__version__, "avalanche_lib": avalanche_version, "torch": torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[MethodResult], config: dict,
+                  extra_markdown: str = "") -> dict[str, Path]:
+    """``<stem>.md``, ``<stem>.csv``, ``<stem>.json`` in ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {k: out_dir / f"{stem}.{k}" for k in ("md", "csv", "json")}
+
+    md = [f"# Leaderboard: {config.get('benchmark', {}).get('benchmark', '?')}", "",
+          f"Command: `{config.get('command', '')}`", "", markdown_table(rows), "",
+          "ACC: mean final accuracy over tasks. BWT: mean over tasks 0..T-2 of (final accuracy - accuracy "
+          "right after learning the task). Forgetting: mean over tasks 0..T-2 of (best accuracy before the "
+          "last task - final accuracy). JointTraining learns all tasks at once: BWT and forgetting do not "
+          f"apply. Peak memory: {results[0].memory_kind if results else ''}. "
+          f"Seeds: {config.get('seeds')}; ± is the standard deviation over seeds.", ""]
+    md += ["## Accuracy matrices (first seed)", ""]
+    first_seed = results[0].seed if results else None
+    for r in results:
+        if r.seed == first_seed:
+            md += [f"### {r.method}", "", matrix_markdown(r), ""]
+    if extra_markdown:
+        md += [extra_markdown, ""]
+    md += ["## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
+    paths["md"].write_text("\n".join(md))
+
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seeds", "acc_mean", "acc_std", "bwt_mean", "bwt_std", "forgetting_mean",
+                    "forgetting_std", "train_seconds_mean", "train_seconds_std", "parameters",
+                    "peak_memory_mb_mean", "peak_memory_mb_std"])
+        for row in rows:
+            w.writerow([row.method, " ".join(map(str, row.seeds)), *_mean_std(row.acc), *_mean_std(row.bwt),
+                        *_mean_std(row.forgetting), *_mean_std(row.train_seconds), row.parameters,
+                        *_mean_std(row.peak_memory_mb)])
+
+    payload = {
+        "config": config,
+        "environment": environment(),
+        "leaderboard": [
+            {"method": row.method, "seeds": row.seeds,
+             **{f"{k}_mean": _mean_std(getattr(row, k))[0] for k in ("acc", "bwt", "forgetting", "train_seconds",
+                                                                   "peak_memory_mb")},
+             **{f"{k}_std": _mean_std(getattr(row, k))[1] for k in ("acc", "bwt", "forgetting", "train_seconds",
+                                                                  "peak_memory_mb")},
+             "parameters": row.parameters}
+            for row in rows
+        ],
+        "runs": [r.to_dict() for r in results],
+    }
+    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2))
+    return paths
+
+
+def _jsonable(obj):
+    """NaN becomes null (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,189 @@
+"""Train one method on one benchmark and measure it: accuracy matrix, time, parameters, memory."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .networks import count_parameters
+from .strategies import BUILDERS, HyperParameters, TrainSettings
+
+
+@dataclass
+class MethodResult:
+    method: str
+    seed: int
+    matrix: list[list[float]]  # matrix[i][j]: accuracy on task j after training task i (joint: one row)
+    train_seconds: float
+    parameters: int
+    peak_memory_mb: float
+    memory_kind: str
+    config: dict
+    capacity: dict | None = None  # HAT: per-task share of units and the capacity table
+    model: object = field(default=None, repr=False)
+
+    @property
+    def final(self) -> list[float]:
+        return self.matrix[-1]
+
+    @property
+    def acc(self) -> float:
+        return float(np.mean(self.final))
+
+    @property
+    def bwt(self) -> float:
+        """Mean over tasks 0..T-2 of (final accuracy - accuracy right after learning it). NaN for
+        joint training, which has no 'right after'."""
+        if len(self.matrix) < 2:
+            return math.nan
+        t = len(self.matrix)
+        return float(np.mean([self.matrix[-1][j] - self.matrix[j][j] for j in range(t - 1)]))
+
+    @property
+    def forgetting(self) -> float:
+        """Mean over tasks 0..T-2 of (best accuracy before the last task - final accuracy)."""
+        if len(self.matrix) < 2:
+            return math.nan
+        t = len(self.matrix)
+        return float(np.mean([max(self.matrix[i][j] for i in range(j, t - 1)) - self.matrix[-1][j]
+                              for j in range(t - 1)]))
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "seed": self.seed, "acc": self.acc, "bwt": self.bwt,
+            "forgetting": self.forgetting, "train_seconds": self.train_seconds, "parameters": self.parameters,
+            "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
+            "accuracy_matrix": self.matrix, "config": self.config, "capacity": self.capacity,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class PeakMemory:
+    """Peak memory while a block runs. CUDA: ``torch.cuda.max_memory_allocated`` (tensors only).
+    CPU: the process's resident set size sampled every 10 ms by a thread (psutil), minus the RSS at
+    the start: torch's CPU allocations are invisible to tracemalloc, and ``ru_maxrss`` never goes
+    down, so it cannot separate methods run one after another in one process."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.kind = "CUDA max_memory_allocated" if self.cuda else "CPU RSS increase (psutil, 10 ms sampling)"
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self._proc = psutil.Process(os.getpid())
+            self._base = self._proc.memory_info().rss
+            self._max = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self._max = max(self._max, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, self._proc.memory_info().rss)
+            self.peak_bytes = self._max - self._base
+        return False
+
+    @property
+    def megabytes(self) -> float:
+        return self.peak_bytes / 2 ** 20
+
+
+def _progress_plugin(bar):
+    from avalanche.core import SupervisedPlugin
+
+    class Progress(SupervisedPlugin):
+        def after_training_iteration(self, strategy, **kwargs):
+            bar.update(1)
+
+    return Progress()
+
+
+def _evaluator():
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+
+
+def _accuracy_row(metrics: dict, num_tasks: int) -> list[float]:
+    """Per-experience accuracies from Avalanche's ``Top1_Acc_Exp/eval_phase/test_stream/TaskXXX/ExpXXX``."""
+    row = [math.nan] * num_tasks
+    for key, value in metrics.items():
+        if key.startswith("Top1_Acc_Exp/eval_phase/test_stream/"):
+            exp = int(key.rsplit("/Exp", 1)[1])
+            row[exp] = float(value)
+    if any(math.isnan(v) for v in row):
+        raise RuntimeError(f"evaluation did not report every experience: {row}")
+    return row
+
+
+def run_method(method: str, scenario, settings: TrainSettings, hp: HyperParameters, seed: int,
+               progress: bool = True, keep_model: bool = False) -> MethodResult:
+    """Train ``method`` on the scenario's train stream, evaluating the whole test stream after each
+    experience (joint training: once, after training on everything)."""
+    from tqdm.auto import tqdm
+
+    seed_everything(seed)
+    num_tasks = len(scenario.train_stream)
+    batches = sum(math.ceil(len(e.dataset) / settings.batch_size) for e in scenario.train_stream)
+    total = batches * settings.epochs
+    if method == "Replay":  # Replay's loader runs as many batches as the larger of data and buffer
+        total = batches * settings.epochs
+    bar = tqdm(total=total, desc=f"{method:>13} seed {seed}", unit="batch", disable=not progress,
+               leave=True, dynamic_ncols=True)
+    built = BUILDERS[method](settings, hp, [_progress_plugin(bar)], _evaluator())
+    strategy, model = built.strategy, built.model
+    params = count_parameters(model)
+    matrix: list[list[float]] = []
+    train_seconds = 0.0
+    with PeakMemory(settings.device) as memory:
+        if method == "JointTraining":
+            start = time.perf_counter()
+            strategy.train(scenario.train_stream)
+            train_seconds += time.perf_counter() - start
+            matrix.append(_accuracy_row(strategy.eval(scenario.test_stream), num_tasks))
+        else:
+            for exp in scenario.train_stream:
+                start = time.perf_counter()
+                strategy.train(exp)
+                train_seconds += time.perf_counter() - start
+                matrix.append(_accuracy_row(strategy.eval(scenario.test_stream), num_tasks))
+    bar.close()
+    capacity = None
+    if method == "HAT":
+        from avalanche_hat import capacity_report
+
+        report = capacity_report(model)
+        capacity = {"usage": {str(t): report.usage(t) for t in report.tasks}, "owned": report.owned,
+                    "table": report.to_markdown(),
+                    "layers": [{"name": l.name, "units": l.units, "usage": {str(t): u for t, u in l.usage.items()},
+                                "owned": l.owned, "shared": l.shared} for l in report.layers]}
+    return MethodResult(method=method, seed=seed, matrix=matrix, train_seconds=train_seconds, parameters=params,
+                        peak_memory_mb=memory.megabytes, memory_kind=memory.kind, config=built.config,
+                        capacity=capacity, model=model if keep_model else None)

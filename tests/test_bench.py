@@ -1,0 +1,166 @@
+"""The leaderboard command, end to end on a tiny configuration, and the pieces it relies on."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("avalanche")
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from avalanche_hat.bench import cli  # noqa: E402
+from avalanche_hat.bench.data import DataNotFound, load_fmnist, make_benchmark  # noqa: E402
+from avalanche_hat.bench.runner import MethodResult  # noqa: E402
+from avalanche_hat.bench.strategies import METHODS, resolve_methods  # noqa: E402
+
+TINY = ["--benchmark", "digits", "--epochs", "2", "--seeds", "0", "1", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def leaderboard(tmp_path_factory):
+    """All 8 methods on digits, 2 seeds, through ``main`` (what the console script calls)."""
+    out = tmp_path_factory.mktemp("leaderboard")
+    assert cli.main([*TINY, "--out", str(out)]) == 0
+    return out, json.loads((out / "digits.json").read_text())
+
+
+def test_every_method_runs_and_is_reported(leaderboard):
+    out, data = leaderboard
+    assert [row["method"] for row in data["leaderboard"]] != []
+    assert sorted(row["method"] for row in data["leaderboard"]) == sorted(METHODS)
+    for row in data["leaderboard"]:
+        assert row["seeds"] == [0, 1]
+        assert 0.5 < row["acc_mean"] <= 1.0, row  # better than chance on 2-class tasks
+        assert row["parameters"] > 0 and row["train_seconds_mean"] > 0
+    assert len(data["runs"]) == 2 * len(METHODS)
+    assert data["environment"]["avalanche_hat"]
+    assert data["config"]["command"].startswith("avalanche-hat-bench")
+    assert data["config"]["settings"]["epochs"] == 2
+
+
+def test_outputs_are_written(leaderboard):
+    out, _ = leaderboard
+    md = (out / "digits.md").read_text()
+    assert "| method | ACC (%)" in md and "HAT" in md and "## Configuration" in md
+    assert "forget_task(0)" in md
+    with (out / "digits.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == set(METHODS)
+    for name in ("digits_accuracy_matrices.png", "digits_hat_capacity.png", "digits_forgetting.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hat_never_forgets_and_matrix_is_consistent(leaderboard):
+    _, data = leaderboard
+    for run in data["runs"]:
+        matrix = run["accuracy_matrix"]
+        if run["method"] == "JointTraining":
+            assert len(matrix) == 1 and run["bwt"] is None
+            continue
+        assert len(matrix) == 5 and all(len(r) == 5 for r in matrix)
+        if run["method"] == "HAT":
+            for j in range(5):  # the accuracy on task j never changes after it is learned
+                assert {matrix[i][j] for i in range(j, 5)} == {matrix[j][j]}
+            assert run["bwt"] == 0.0 and run["forgetting"] == 0.0
+        bwt = sum(matrix[4][j] - matrix[j][j] for j in range(4)) / 4
+        assert math.isclose(run["bwt"], bwt, abs_tol=1e-12)
+
+
+def test_forgetting_task_0_drops_it_to_chance_and_keeps_the_others(leaderboard):
+    _, data = leaderboard
+    f = data["config"]["forgetting"]
+    assert f["forgotten_task"] == 0
+    assert f["accuracy_after"][0] == pytest.approx(f["chance"][0])
+    assert f["accuracy_after"][1:] == f["accuracy_before"][1:]
+    assert f["logits_bit_identical"][1:] == [True] * 4
+    hat_run = next(r for r in data["runs"] if r["method"] == "HAT" and r["seed"] == 0)
+    assert f["accuracy_before"] == pytest.approx(hat_run["accuracy_matrix"][-1], abs=1e-6)  # Avalanche: float32
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    """``python -m avalanche_hat.bench`` is wired to the same main (2 methods, 1 seed)."""
+    cmd = [sys.executable, "-m", "avalanche_hat.bench", "--benchmark", "digits", "--methods", "naive,hat",
+           "--epochs", "1", "--out", str(tmp_path), "--no-plots"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ACC (%)" in proc.stdout and "Naive" in proc.stdout and "HAT" in proc.stdout
+    assert (tmp_path / "digits.json").exists()
+
+
+def test_tune_mode_picks_values_on_the_holdout(tmp_path):
+    assert cli.main(["--benchmark", "digits", "--tune", "--methods", "EWC", "--epochs", "1", "--no-progress",
+                     "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "digits_tuning.json").read_text())
+    assert record["benchmark"]["evaluation_set"].startswith("holdout")
+    assert record["chosen"]["EWC"]["ewc_lambda"] in cli.TUNING_GRID["EWC"][1]
+    assert len(record["trials"]) == len(cli.TUNING_GRID["EWC"][1])
+
+
+def test_holdout_comes_from_training_data_only():
+    full = make_benchmark("digits")
+    tuned = make_benchmark("digits", holdout=0.1)
+    assert tuned.train_size + tuned.test_size == full.train_size
+    assert len(tuned.scenario.train_stream) == 5
+    for exp in tuned.scenario.train_stream:
+        assert exp.classes_in_this_experience == [0, 1]
+
+
+def test_fmnist_missing_gives_a_clear_error(tmp_path, monkeypatch):
+    import avalanche_hat.bench.data as data
+
+    monkeypatch.setattr(data, "DEBIAN_FMNIST", tmp_path / "nowhere")
+    monkeypatch.setenv("AVALANCHE_DATA", str(tmp_path / "nothing"))
+    with pytest.raises(DataNotFound, match="apt-get install dataset-fashion-mnist"):
+        load_fmnist(tmp_path)
+    assert cli.main(["--data-root", str(tmp_path), "--no-progress"]) == 2
+
+
+def test_fmnist_reader_reads_idx_files(tmp_path):
+    """The IDX reader on a tiny hand-written Fashion-MNIST in --data-root (gzipped and plain)."""
+    import gzip
+
+    def idx(array, path, gz):
+        header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        raw = header + array.numpy().tobytes()
+        (gzip.open if gz else open)(path, "wb").write(raw)
+
+    images = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(20, dtype=torch.uint8) % 10
+    idx(images, tmp_path / "train-images-idx3-ubyte.gz", True)
+    idx(labels, tmp_path / "train-labels-idx1-ubyte.gz", True)
+    idx(images[:10], tmp_path / "t10k-images-idx3-ubyte", False)
+    idx(labels[:10], tmp_path / "t10k-labels-idx1-ubyte", False)
+    (train_x, train_y), (test_x, test_y), folder = load_fmnist(tmp_path)
+    assert folder == str(tmp_path)
+    assert train_x.shape == (20, 1, 28, 28) and test_x.shape == (10, 1, 28, 28)
+    assert torch.equal(train_y, labels.long())
+    expected = (images[3].float() / 255 - 0.2860) / 0.3530
+    assert torch.allclose(train_x[3, 0], expected)
+
+
+def test_real_fmnist_when_installed():
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    spec = make_benchmark("fmnist")
+    assert (spec.train_size, spec.test_size) == (60000, 10000)
+    assert [len(e.dataset) for e in spec.scenario.train_stream] == [12000] * 5
+    assert [e.task_label for e in spec.scenario.test_stream] == [0, 1, 2, 3, 4]
+
+
+def test_method_names():
+    assert resolve_methods(["all"]) == list(METHODS)
+    assert resolve_methods(["hat,naive", "joint"]) == ["HAT", "Naive", "JointTraining"]
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_methods(["gem"])
+
+
+def test_metrics_from_a_known_matrix():
+    r = MethodResult("x", 0, [[0.9, 0.5], [0.7, 0.8]], 1.0, 1, 0.0, "", {})
+    assert r.acc == pytest.approx(0.75)
+    assert r.bwt == pytest.approx(-0.2)
+    assert r.forgetting == pytest.approx(0.2)
