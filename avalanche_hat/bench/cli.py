@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hat-reg-coef", type=float, default=hp.hat_reg_coef)
     g.add_argument("--hat-max-mask-scale", type=float, default=hp.hat_max_mask_scale)
     g.add_argument("--hat-schedule", choices=("cosine", "linear"), default=hp.hat_schedule)
+    g.add_argument("--hat-scale-unit", choices=("epoch", "experience"), default=hp.hat_scale_unit,
+                   help="what one period of HAT's mask-scale schedule spans")
     g = p.add_argument_group("modes and output")
     g.add_argument("--tune", action="store_true",
                    help="choose EWC/SI/LwF/HAT coefficients on a 10%% holdout of the training data "
@@ -119,6 +121,7 @@ def _settings_and_hp(args, spec):
         ewc_lambda=args.ewc_lambda, si_lambda=args.si_lambda, lwf_alpha=args.lwf_alpha,
         lwf_temperature=args.lwf_temperature, replay_mem_size=args.replay_mem_size,
         hat_reg_coef=args.hat_reg_coef, hat_max_mask_scale=args.hat_max_mask_scale, hat_schedule=args.hat_schedule,
+        hat_scale_unit=args.hat_scale_unit,
     )
     return settings, hp
 

@@ -54,6 +54,7 @@ class HyperParameters:
     hat_reg_coef: float = 0.75  # HAT-CL layerwise usage penalty coefficient; grid {0.1, 0.75, 2.5}
     hat_max_mask_scale: float = 400.0  # s_max, original HAT
     hat_schedule: str = "cosine"  # HAT-CL Eq. 6
+    hat_scale_unit: str = "epoch"  # one period of the mask-scale schedule: "epoch" or "experience"
     extra: dict = field(default_factory=dict)
 
     def for_method(self, method: str) -> dict:
@@ -282,11 +283,11 @@ def hat(settings, hp, plugins, evaluator) -> Built:
                            width=settings.width, hat_config=cfg)
     model = HATMultiTaskModel(backbone, num_classes=settings.classes_per_task, hat_config=cfg)
     kwargs = _common(model, settings, plugins, evaluator)
-    strategy = HAT(reg_coef=hp.hat_reg_coef, schedule=hp.hat_schedule, **kwargs)
+    strategy = HAT(reg_coef=hp.hat_reg_coef, schedule=hp.hat_schedule, scale_unit=hp.hat_scale_unit, **kwargs)
     return Built(strategy, model, {"description": "avalanche_hat.HAT (HAT-CL: dense init, cosine mask scale, "
                                                   "layerwise usage penalty)",
                                    "hat_reg_coef": hp.hat_reg_coef, "hat_max_mask_scale": hp.hat_max_mask_scale,
-                                   "hat_schedule": hp.hat_schedule})
+                                   "hat_schedule": hp.hat_schedule, "hat_scale_unit": hp.hat_scale_unit})
 
 
 BUILDERS: dict[str, Callable[..., Built]] = {
