@@ -227,3 +227,45 @@ def test_cifar10_command_runs_offline(tmp_path, monkeypatch):
     assert data["config"]["benchmark"]["num_tasks"] == 5
     hat_run = next(r for r in data["runs"] if r["method"] == "HAT")
     assert hat_run["bwt"] == 0.0
+
+
+def test_timm_networks_run_through_the_command(tmp_path, monkeypatch):
+    """The timm twins of avalanche_hat.timm_models (hat_alexnet / cl_alexnet) run through the same command."""
+    pytest.importorskip("avalanche_hat.timm_models")
+    _write_fake_cifar(tmp_path / "data", monkeypatch, 10, per_class=2)
+    out = tmp_path / "out"
+    assert cli.main(["--benchmark", "cifar10", "--data-root", str(tmp_path / "data"), "--network", "alexnet",
+                     "--methods", "hat,naive", "--epochs", "1", "--batch-size", "8",
+                     "--no-progress", "--out", str(out), "--no-plots", "--no-forgetting"]) == 0
+    data = json.loads((out / "cifar10.json").read_text())
+    assert {r["method"] for r in data["runs"]} == {"HAT", "Naive"}
+    hat_run, naive_run = (next(r for r in data["runs"] if r["method"] == m) for m in ("HAT", "Naive"))
+    assert hat_run["bwt"] == 0.0
+    assert hat_run["parameters"] > naive_run["parameters"]  # the twins differ only by HAT's embeddings
+
+
+def test_packnet_on_batchnorm_network_is_skipped_not_crashed(tmp_path, monkeypatch):
+    """Avalanche's PackNet cannot wrap BatchNorm: the command reports it as skipped and goes on."""
+    import avalanche_hat.bench.cli as bench_cli
+    from avalanche_hat.bench import strategies
+
+    def packnet_on_batchnorm(settings, hp, plugins, evaluator):
+        raise strategies.UnsupportedNetwork("Avalanche's PackNet cannot wrap network 'x': norms")
+
+    monkeypatch.setitem(strategies.BUILDERS, "PackNet", packnet_on_batchnorm)
+    out = tmp_path / "out"
+    assert bench_cli.main(["--benchmark", "digits", "--methods", "packnet,naive", "--epochs", "2", "--no-progress",
+                           "--out", str(out), "--no-plots"]) == 0
+    data = json.loads((out / "digits.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["Naive"]
+    assert "PackNet" in data["config"]["skipped"]
+    assert "## Skipped" in (out / "digits.md").read_text()
+
+
+def test_packnet_refuses_batchnorm_trunk():
+    pytest.importorskip("avalanche_hat.timm_models")
+    from avalanche_hat.bench import strategies
+
+    settings = strategies.TrainSettings(network="resnet18s", in_chans=3, img_size=32, epochs=2)
+    with pytest.raises(strategies.UnsupportedNetwork, match="PackNet"):
+        strategies.packnet(settings, strategies.HyperParameters(), [], None)

@@ -167,21 +167,35 @@ def main(argv=None) -> int:
 
 
 def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
+    import torch
+
+    from .data import loading_seconds
     from .report import aggregate, text_table, write_outputs
     from .runner import run_method
+    from .strategies import UnsupportedNetwork
 
     settings, hp = _settings_and_hp(args, spec)
+    load_epoch = loading_seconds(spec.scenario, settings.batch_size)
     print(f"{spec.name}: {spec.num_tasks} tasks of {spec.classes_per_task} classes, {spec.train_size} training / "
           f"{spec.test_size} test images from {spec.source} (loaded in {spec.load_seconds:.1f} s); "
           f"network {settings.network}, {settings.epochs} epochs per task, batch {settings.batch_size}, "
-          f"{settings.optimizer} lr {settings.lr}, seeds {args.seeds}, device {settings.device}", flush=True)
+          f"{settings.optimizer} lr {settings.lr}, seeds {args.seeds}, device {settings.device}; one pass of the "
+          f"data loader over every task takes {load_epoch:.1f} s", flush=True)
     wall = time.perf_counter()
     results = []
     hat_models = {}
+    skipped: dict[str, str] = {}
     for seed in args.seeds:
         for method in methods:
-            r = run_method(method, spec.scenario, settings, hp, seed, progress=not args.no_progress,
-                           keep_model=(method == "HAT"))
+            if method in skipped:
+                continue
+            try:
+                r = run_method(method, spec.scenario, settings, hp, seed, progress=not args.no_progress,
+                               keep_model=(method == "HAT"))
+            except UnsupportedNetwork as err:
+                skipped[method] = str(err)
+                print(f"  {method:>13}: skipped: {err}", flush=True)
+                continue
             if method == "HAT":
                 hat_models[seed] = r.model
                 r.model = None
@@ -195,6 +209,9 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
         "settings": asdict(settings), "hyper_parameters": {m: r.config for m, r in
                                                            {r.method: r for r in results}.items()},
         "total_wall_seconds": round(wall, 1),
+        "data_loading_seconds_per_epoch_all_tasks": round(load_epoch, 2),
+        "torch_threads": torch.get_num_threads(),
+        "skipped": skipped,
     }
     extra = []
     forgetting = None
@@ -210,6 +227,8 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
     hat_result = next((r for r in results if r.method == "HAT"), None)
     if hat_result is not None and hat_result.capacity:
         extra += [f"## HAT capacity per task (seed {hat_result.seed})", "", hat_result.capacity["table"], ""]
+    if skipped:
+        extra += ["## Skipped", "", *(f"- {m}: {why}" for m, why in skipped.items()), ""]
     paths = write_outputs(out, stem, rows, results, config, "\n".join(extra))
     if not args.no_plots:
         from . import plots
@@ -227,6 +246,8 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
                                                         chance=max(forgetting.chance))
     print()
     print(text_table(rows))
+    for method, why in skipped.items():
+        print(f"{method}: skipped ({why})")
     if forgetting is not None:
         print()
         print(f"Forgetting task {forgetting.task} of HAT (seed {args.seeds[0]}), accuracy (%):")

@@ -139,6 +139,10 @@ def _packnet_model_base():
     return PackNetModel
 
 
+class UnsupportedNetwork(ValueError):
+    """The method cannot run on the chosen network (reported as skipped, not as a crash)."""
+
+
 class PackNetMultiHead(_packnet_model_base()):
     """Avalanche's ``PackNetModel`` around the shared trunk only, with per-task heads attached after
     wrapping (Avalanche 0.6.0's wrapper crashes on heads and does not pass the task id on).
@@ -246,7 +250,10 @@ def packnet(settings, hp, plugins, evaluator) -> Built:
         raise ValueError("PackNet prunes after the first epochs and fine-tunes after: it needs --epochs >= 2")
     post = hp.packnet_post_prune_epochs or max(1, settings.epochs // 2)
     trunk = build_trunk(settings.network, in_chans=settings.in_chans, img_size=settings.img_size, width=settings.width)
-    model = PackNetMultiHead(trunk, settings.num_tasks, settings.classes_per_task)
+    try:
+        model = PackNetMultiHead(trunk, settings.num_tasks, settings.classes_per_task)
+    except ValueError as err:  # Avalanche's PackNet wraps Linear and Conv layers only (no norms)
+        raise UnsupportedNetwork(f"Avalanche's PackNet cannot wrap network {settings.network!r}: {err}") from None
     proportions = packnet_prune_proportions(settings.num_tasks, hp.packnet_prune)
     plugin = PackNetPlugin(post_prune_epochs=post, prune_proportion=proportions)
     # PackNetPlugin re-creates the optimizer at every task; with our plugins appended to a copy of
