@@ -70,13 +70,16 @@ def plain_to_hat_state_dict(model: nn.Module, plain: dict) -> dict:
 
     Every plain key must find its place with its shape, and every weight of ``model`` must be
     filled, except: mask embeddings and the record of trained tasks (kept as they are), the
-    classifier when its size differs from the model's ``num_classes`` (the heads keep their fresh
-    initialisation, as timm does), and the first convolution's input channels (timm adapts them
+    classifier when the model's ``num_classes`` differs from the pretrained cfg's (the heads keep
+    their fresh initialisation, as timm does; set ``num_classes`` in ``pretrained_cfg_overlay`` to
+    load a matching local head), and the first convolution's input channels (timm adapts them
     to ``in_chans`` afterwards).
     """
     target = model.state_dict()
     cfg = getattr(model, "pretrained_cfg", None) or {}
     classifiers = _as_tuple(cfg.get("classifier"))
+    # as timm: a classifier trained for another number of classes than the model's is not loaded
+    keep_head = getattr(model, "num_classes", None) == cfg.get("num_classes")
     first_convs = _as_tuple(cfg.get("first_conv"))
     indexed = {name: m for name, m in model.named_modules() if isinstance(m, TaskIndexedModule)}
     out: dict[str, torch.Tensor] = {}
@@ -90,10 +93,12 @@ def plain_to_hat_state_dict(model: nn.Module, plain: dict) -> dict:
         else:
             mapped = {key: value}
         placed = all(k in target for k in mapped)
+        if owner in classifiers and not keep_head:
+            continue  # the heads keep their fresh initialisation
         if placed and all(target[k].shape == v.shape for k, v in mapped.items()):
             out.update(mapped)
         elif owner in classifiers:
-            continue  # a classifier of another size, or none (num_classes=0): heads stay fresh
+            continue  # a classifier of another shape: the heads keep their fresh initialisation
         elif placed and owner in first_convs and leaf == "weight" and value.ndim == target[key].ndim and (
             value.shape[:1] + value.shape[2:] == target[key].shape[:1] + target[key].shape[2:]
         ):
@@ -199,10 +204,11 @@ def build(
         if not pretrained or local:
             raise
         source = resolved.hf_hub_id or resolved.url
+        plain = resolved.hf_hub_id.split("/", 1)[-1] if resolved.hf_hub_id else "<the plain timm model>"
+        reason = (str(e).splitlines() or [""])[0][:200]
         raise PretrainedWeightsUnavailableError(
-            f"{variant}: could not download the plain model's pretrained weights ({source}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. This machine seems to be "
-            "offline. On a machine with internet save them (timm.create_model(<plain model>, "
-            "pretrained=True).state_dict() via torch.save) and pass pretrained_cfg_overlay=dict(file=path), "
-            "or use pretrained=False."
+            f"{variant}: could not download the plain model's pretrained weights from {source} "
+            f"({type(e).__name__}: {reason}). This machine seems to be offline: on a machine with internet "
+            f"run torch.save(timm.create_model('{plain}', pretrained=True).state_dict(), path), copy the file "
+            f"here and pass pretrained_cfg_overlay=dict(file=path); or use pretrained=False."
         ) from e
