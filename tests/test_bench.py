@@ -269,3 +269,26 @@ def test_packnet_refuses_batchnorm_trunk():
     settings = strategies.TrainSettings(network="resnet18s", in_chans=3, img_size=32, epochs=2)
     with pytest.raises(strategies.UnsupportedNetwork, match="PackNet"):
         strategies.packnet(settings, strategies.HyperParameters(), [], None)
+
+
+def test_si_fix_gives_nonzero_importances_where_avalanche_gives_none():
+    """Avalanche 0.6.0's SI stores views of the live weights on the CPU: its importances are all 0.
+    The benchmark's SI (parameter snapshots copied) accumulates real importances."""
+    from avalanche.training import Naive
+    from avalanche.training.plugins import SynapticIntelligencePlugin
+
+    from avalanche_hat.bench import runner, strategies
+
+    spec = make_benchmark("digits")
+    settings = strategies.TrainSettings(epochs=1, batch_size=32, in_chans=1, img_size=8)
+    importances = {}
+    for name, cls in (("avalanche", SynapticIntelligencePlugin),
+                      ("fixed", strategies.CopyingSynapticIntelligencePlugin)):
+        runner.seed_everything(0)
+        model = strategies._plain_model(settings)
+        plugin = cls(si_lambda=1.0)
+        common = strategies._common(model, settings, [plugin], runner._evaluator())
+        Naive(**common).train(spec.scenario.train_stream[0])
+        importances[name] = max(float(v.data.abs().max()) for v in plugin.ewc_data[1].values())
+    assert importances["avalanche"] == 0.0
+    assert importances["fixed"] > 0.0

@@ -23,8 +23,9 @@ DEFAULT_OUT = "leaderboard-results"
 DEFAULTS = {"epochs": 3, "batch_size": 64, "lr": 0.01, "optimizer": "sgd", "network": "mlp"}
 
 TUNING_GRID = {
-    "EWC": ("ewc_lambda", [1e2, 1e3, 1e4, 1e5]),
-    "SI": ("si_lambda", [1.0, 10.0, 100.0]),
+    "EWC": ("ewc_lambda", [1e2, 1e3, 1e4, 1e5, 1e6]),
+    # Avalanche's SI clips every importance at 1e-3, so useful coefficients are large.
+    "SI": ("si_lambda", [1.0, 10.0, 100.0, 1e3, 1e4]),
     "LwF": ("lwf_alpha", [0.1, 1.0, 10.0]),
     "HAT": ("hat_reg_coef", [0.1, 0.75, 2.5]),
 }

@@ -153,10 +153,8 @@ def run_method(method: str, scenario, settings: TrainSettings, hp: HyperParamete
     num_tasks = len(scenario.train_stream)
     batches = sum(math.ceil(len(e.dataset) / settings.batch_size) for e in scenario.train_stream)
     total = batches * settings.epochs
-    if method == "Replay":  # Replay's loader runs as many batches as the larger of data and buffer
-        total = batches * settings.epochs
     bar = tqdm(total=total, desc=f"{method:>13} seed {seed}", unit="batch", disable=not progress,
-               leave=True, dynamic_ncols=True)
+               leave=False, dynamic_ncols=True)
     built = BUILDERS[method](settings, hp, [_progress_plugin(bar)], _evaluator())
     strategy, model = built.strategy, built.model
     params = count_parameters(model)
