@@ -8,7 +8,14 @@ from .capacity import CapacityReport, LayerCapacity, capacity_report
 from .config import HATConfig
 from .forgetting import forget_task
 from .mechanism.schedules import ConstantMaskScale, CosineMaskScale, LinearMaskScale, MaskScaleSchedule
-from .network import clamp_embeddings_, hat_modules, hat_regularization, mark_task_trained, trained_tasks
+from .network import (
+    clamp_embeddings_,
+    hat_modules,
+    hat_param_groups,
+    hat_regularization,
+    mark_task_trained,
+    trained_tasks,
+)
 from .payload import HATPayload
 
 __version__ = "0.1.0"
@@ -31,6 +38,6 @@ def __getattr__(name: str):
 __all__ = [
     "HATConfig", "HATPayload", "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
     "ConstantMaskScale", "CosineMaskScale", "LinearMaskScale", "MaskScaleSchedule",
-    "clamp_embeddings_", "hat_modules", "hat_regularization", "mark_task_trained", "trained_tasks",
+    "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",
 ]

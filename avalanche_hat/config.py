@@ -21,6 +21,8 @@ class HATConfig:
         embedding_clamp: embeddings are kept in ``[-c, c]`` (original HAT: 6).
         gradient_compensation: rescale embedding gradients so that masks train at every scale
             (original HAT Eq. 3, computed in closed form).
+        compensation_clamp: the original code's clamp of ``s e`` inside Eq. 3 (50): a mask whose
+            ``|s e|`` exceeds it is saturated and its embedding stops training. ``None`` removes it.
     """
 
     num_tasks: int
@@ -28,6 +30,7 @@ class HATConfig:
     mask_init: str = "dense"
     embedding_clamp: float = 6.0
     gradient_compensation: bool = True
+    compensation_clamp: float | None = 50.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_tasks, int) or isinstance(self.num_tasks, bool) or self.num_tasks < 1:

@@ -73,3 +73,20 @@ def hat_regularization(
     if kind == "global":
         return global_usage_penalty(pairs)
     raise ValueError(f"unknown regularisation kind {kind!r}: use 'layerwise' (HAT-CL) or 'global' (original HAT)")
+
+
+def hat_param_groups(module: nn.Module, embedding_lr: float | None = None) -> list[dict]:
+    """Optimizer parameter groups with the mask embeddings on their own.
+
+    With an adaptive optimizer (Adam and kin) an embedding moves about ``lr`` per step whatever
+    its gradient, and masks train only while the scale is low (a few steps per epoch), so a dense
+    initialisation may never switch a unit off at a weight learning rate such as 1e-3. Give the
+    embeddings a larger one: ``Adam(hat_param_groups(model, embedding_lr=0.5), lr=1e-3)``.
+    """
+    embeddings = [layer.mask_embedding for _, layer in hat_modules(module)]
+    ids = {id(p) for p in embeddings}
+    rest = [p for p in module.parameters() if id(p) not in ids]
+    group = {"params": embeddings}
+    if embedding_lr is not None:
+        group["lr"] = embedding_lr
+    return [{"params": rest}, group]

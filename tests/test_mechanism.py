@@ -52,7 +52,8 @@ def test_gradients_equal_the_papers_formulas_by_hand():
     eq2_w1 = 1 - torch.minimum(own1[:, None], ones_in[None, :])
     eq2_w2 = 1 - torch.minimum(own2[:, None], own1[None, :])
 
-    def eq3(e, q):
+    def eq3(e, q):  # |s e| < 50 here, so the original code's clamp does not act
+        assert (s * e).abs().max() < 50
         return S_MAX * (torch.cosh(s * e) + 1) / (s * (torch.cosh(e) + 1)) * q
 
     torch.testing.assert_close(net.fc1.weight.grad, W1.grad * eq2_w1, rtol=1e-12, atol=1e-12)
@@ -78,11 +79,24 @@ def test_compensated_gradient_is_finite_in_half_precision(dtype):
         soft_mask(e, s, S_MAX).backward(torch.ones_like(e))
         assert e.grad.dtype == dtype
         assert torch.isfinite(e.grad).all(), f"non-finite compensated gradient at s={s}"
-        ref = S_MAX / (2 * (torch.cosh(e.detach().double()) + 1))
+        ed = e.detach().double()
+        # The original code's factor with cosh(s e) clamped at 50, in float64.
+        num = torch.cosh((s * ed).clamp(-50, 50)) + 1
+        ref = S_MAX / (2 * (torch.cosh(ed) + 1)) * num / (torch.cosh(s * ed) + 1)
         torch.testing.assert_close(e.grad.double(), ref, rtol=2e-2, atol=1e-3)
     # The literal formula overflows in this precision (what the published package does).
     big = torch.tensor(S_MAX, dtype=dtype) * (torch.cosh(torch.tensor(400.0 * 6.0, dtype=dtype)) + 1)
     assert not torch.isfinite(big)
+
+
+def test_saturated_masks_stop_training_as_in_the_original_code():
+    e = torch.tensor([0.05, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    soft_mask(e, 400.0, S_MAX).backward(torch.ones(3, dtype=torch.float64))
+    assert e.grad[0] > 1.0  # |s e| = 20: trains at full compensated speed
+    assert e.grad[1] < 1e-60 and e.grad[2] == 0  # |s e| = 200, 1200: saturated
+    e.grad = None
+    soft_mask(e, 400.0, S_MAX, saturation=None).backward(torch.ones(3, dtype=torch.float64))
+    assert (e.grad > 0.9).all()
 
 
 def test_half_precision_layer_trains_with_finite_gradients():
@@ -142,3 +156,19 @@ def test_mask_inits():
                         ("normal", lambda e: 0.5 < e.std().item() < 1.5)):
         layer = HATLinear(4, 256, HATConfig(num_tasks=2, mask_init=init))
         assert check(layer.mask_embedding.detach()), init
+
+
+def test_dense_init_with_cosine_schedule_finds_the_useful_features_fast():
+    """HAT-CL Table 1's claim on a few networks (the full run is benchmarks/table1_mask_init.py)."""
+    import importlib.util
+    import pathlib
+    import statistics
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "table1_mask_init.py"
+    spec = importlib.util.spec_from_file_location("table1_mask_init", path)
+    table1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table1)
+    ours = [table1.batches_to_train("ours", seed, max_batches=300) for seed in range(4)]
+    original = [table1.batches_to_train("original", seed, max_batches=300) for seed in range(4)]
+    assert statistics.mean(ours) < 60
+    assert statistics.mean(ours) < statistics.mean(original)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from avalanche_hat import HATConfig, HATPayload, mark_task_trained, trained_tasks
+from avalanche_hat import HATConfig, HATPayload, hat_param_groups, mark_task_trained, trained_tasks
 from avalanche_hat.modules import (
     HATConv1d, HATConv2d, HATConv3d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLayerNorm,
     TaskIndexedLinear, from_base_module, load_plain_state_dict,
@@ -75,7 +75,8 @@ def test_protection_survives_deepcopy_pickle_and_state_dict(clone):
     torch.manual_seed(0)
     tasks = make_tasks(2)
     model = SmallConvNet(HATConfig(num_tasks=2))
-    train_task(model, 0, *tasks[0], lambda p: torch.optim.Adam(p, lr=0.05))
+    adam = lambda m: lambda _params: torch.optim.Adam(hat_param_groups(m, embedding_lr=0.5), lr=0.01)  # noqa: E731
+    train_task(model, 0, *tasks[0], adam(model), batch=8, reg=0.05)
     before = outputs(model, 0, tasks[0][0])
     if clone == "deepcopy":
         model = copy.deepcopy(model)
@@ -88,8 +89,10 @@ def test_protection_survives_deepcopy_pickle_and_state_dict(clone):
         fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
         model = fresh
     assert trained_tasks(model) == [0]
-    train_task(model, 1, *tasks[1], lambda p: torch.optim.Adam(p, lr=0.05))
+    shared = model.conv2.weight.detach().clone()
+    train_task(model, 1, *tasks[1], adam(model), batch=8, reg=0.05)
     assert torch.equal(outputs(model, 0, tasks[0][0]), before)
+    assert not torch.equal(model.conv2.weight, shared)  # task 1 did train shared weights
 
 
 def test_task_none_trains_the_plain_network_with_nothing_frozen():

@@ -17,26 +17,37 @@ class _SoftMask(torch.autograd.Function):
     ``s_max (cosh(s e) + 1) / (s (cosh(e) + 1))``. Since ``sigmoid'(x) = 1 / (2 (cosh(x) + 1))``
     the product is ``dL/da * s_max / (2 (cosh(e) + 1))``: no huge intermediate, finite in float16 and
     bfloat16, and defined at ``s = 0``, where the cosine schedule passes mid-unit.
+
+    The original code clamps ``s e`` to ``[-c, c]`` (c = 50) inside ``cosh(s e)``; beyond it the
+    factor is ``(cosh(c) + 1) / (cosh(s e) + 1) = exp(c - |s e|)`` (to within ``e^-c``), so a
+    saturated mask stops training. That is what lets a high scale hold the masks still while the
+    weights train (the first phase of the cosine schedule). ``saturation=None`` drops the clamp.
     """
 
     @staticmethod
-    def forward(ctx, embedding: torch.Tensor, scale: float, max_scale: float) -> torch.Tensor:
+    def forward(ctx, embedding: torch.Tensor, scale: float, max_scale: float, saturation: float | None) -> torch.Tensor:
         ctx.save_for_backward(embedding)
-        ctx.max_scale = max_scale
+        ctx.scale, ctx.max_scale, ctx.saturation = scale, max_scale, saturation
         return torch.sigmoid(embedding * scale)
 
     @staticmethod
     def backward(ctx, grad_mask: torch.Tensor):
         (embedding,) = ctx.saved_tensors
         work = torch.promote_types(embedding.dtype, torch.float32)  # half precision computes in float32
-        factor = ctx.max_scale / (2.0 * (torch.cosh(embedding.to(work)) + 1.0))
-        return (grad_mask.to(work) * factor).to(embedding.dtype), None, None
+        e = embedding.to(work)
+        factor = ctx.max_scale / (2.0 * (torch.cosh(e) + 1.0))
+        if ctx.saturation is not None:
+            factor = factor * torch.exp((ctx.saturation - (ctx.scale * e).abs()).clamp_max(0.0))
+        return (grad_mask.to(work) * factor).to(embedding.dtype), None, None, None
 
 
-def soft_mask(embedding: torch.Tensor, scale: float, max_scale: float, compensate: bool = True) -> torch.Tensor:
-    """The training mask ``sigmoid(scale * embedding)``; with ``compensate`` its gradient follows Eq. 3."""
+def soft_mask(
+    embedding: torch.Tensor, scale: float, max_scale: float, compensate: bool = True, saturation: float | None = 50.0
+) -> torch.Tensor:
+    """The training mask ``sigmoid(scale * embedding)``; with ``compensate`` its gradient follows Eq. 3
+    (with the original code's clamp of ``s e`` at ``saturation``)."""
     if compensate:
-        return _SoftMask.apply(embedding, float(scale), float(max_scale))
+        return _SoftMask.apply(embedding, float(scale), float(max_scale), saturation)
     return torch.sigmoid(embedding * float(scale))
 
 

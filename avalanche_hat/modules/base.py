@@ -59,7 +59,8 @@ class HATModule(nn.Module):
         emb = self.mask_embedding[task_id]
         if mask_scale is None:
             return binary_mask(emb)
-        return soft_mask(emb, mask_scale, self.hat_config.max_mask_scale, self.hat_config.gradient_compensation)
+        cfg = self.hat_config
+        return soft_mask(emb, mask_scale, cfg.max_mask_scale, cfg.gradient_compensation, cfg.compensation_clamp)
 
     def binary_mask(self, task_id: int) -> torch.Tensor:
         self.hat_config.check_task_id(task_id)
