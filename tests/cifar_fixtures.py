@@ -29,10 +29,22 @@ FMNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
 
 
 # ------------------------------------------------------------------------------------ CIFAR
+def _palette(num_classes: int) -> np.ndarray:
+    """Random RGB colours, pairwise far apart (rejection sampling): classes differ clearly."""
+    rng = np.random.default_rng(1234)
+    min_distance = 90.0 if num_classes <= 10 else 30.0
+    colours = []
+    while len(colours) < num_classes:
+        c = rng.integers(30, 226, size=3)
+        if all(np.linalg.norm(c - other) >= min_distance for other in colours):
+            colours.append(c)
+    return np.stack(colours)
+
+
 def _colour_images(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
     """32x32 RGB images (N, 3072) whose class is a colour, with noise: learnable in a few steps and
     unchanged by random crops and flips."""
-    palette = np.random.default_rng(1234).integers(30, 226, size=(num_classes, 3))
+    palette = _palette(num_classes)
     images = palette[labels][:, :, None, None] + rng.normal(0, 25, size=(len(labels), 3, 32, 32))
     return np.clip(images, 0, 255).astype(np.uint8).reshape(len(labels), 3 * 32 * 32)
 
@@ -162,9 +174,11 @@ class TinyHATNet(nn.Module):
         self.hat_config = hat_config
         self.num_features = num_features
         self.conv1 = HATConv2d(in_channels, width, 3, hat_config, padding=1)
-        self.bn1 = TaskIndexedBatchNorm2d(width, hat_config)
+        # momentum=None: running statistics are the plain average over the (few) training batches,
+        # so that evaluation after a short training sees the statistics training saw.
+        self.bn1 = TaskIndexedBatchNorm2d(width, hat_config, momentum=None)
         self.conv2 = HATConv2d(width, 2 * width, 3, hat_config, padding=1)
-        self.bn2 = TaskIndexedBatchNorm2d(2 * width, hat_config)
+        self.bn2 = TaskIndexedBatchNorm2d(2 * width, hat_config, momentum=None)
         self.fc = HATLinear(2 * width * 4, num_features, hat_config)
         self.relu, self.pool, self.squeeze = nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2)
 
@@ -211,12 +225,13 @@ def exact_eval_metrics():
 
 
 def run_split_cifar10(root: str, checkpoint: str | None = None, stop_after: int | None = None,
-                      n_experiences: int = 5, epochs: int = 2) -> list:
+                      n_experiences: int = 5, epochs: int = 4) -> dict:
     """Train HAT on SplitCIFAR10 (task-incremental) from ``root``, evaluating the whole test stream
     after each experience; with ``checkpoint``, resume from it if it exists and save after each
     experience (Avalanche's own save_checkpoint / maybe_load_checkpoint); stop after experience
-    index ``stop_after``. Returns the accuracy matrix as nested lists. Deterministic: one thread,
-    every generator seeded."""
+    index ``stop_after``. Returns the accuracy matrix as nested lists and a fingerprint of the
+    model (the float64 sum of every tensor of its state). Deterministic: one thread, every
+    generator seeded."""
     from avalanche.benchmarks.classic import SplitCIFAR10
     from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
     from avalanche.training.determinism.rng_manager import RNGManager
@@ -242,6 +257,10 @@ def run_split_cifar10(root: str, checkpoint: str | None = None, stop_after: int 
                 save_checkpoint(strategy, checkpoint)
             if stop_after is not None and experience.current_experience == stop_after:
                 break
-        return strategy.evaluator.get_last_metrics()["EvalStream/Acc_Matrix"].tolist()
+        state = strategy.model.state_dict()
+        return {
+            "matrix": strategy.evaluator.get_last_metrics()["EvalStream/Acc_Matrix"].tolist(),
+            "fingerprint": {k: v.double().sum().item() for k, v in state.items()},
+        }
     finally:
         torch.set_num_threads(threads)

@@ -43,7 +43,7 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.05)  # the original HAT optimizer
 
 
-def make_strategy(num_tasks=3, plugins=None, evaluator=None, epochs=4, optimizer=sgd, **kwargs):
+def make_strategy(num_tasks=3, plugins=None, evaluator=None, epochs=6, optimizer=sgd, **kwargs):
     """HAT on a TinyHATNet. Embeddings start N(0, 1) (original HAT): in these few iterations the dense
     start would keep every unit for the first task, and later tasks would train their heads only."""
     torch.manual_seed(0)
