@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import avalanche_hat.timm_models as hat_timm
-from avalanche_hat import HATConfig, HATPayload
-from avalanche_hat.modules import HATModule, TaskIndexedLinear, TaskIndexedModule
+from avalanche_hat import HATConfig, HATPayload, mark_task_trained
+from avalanche_hat.modules import HATLinear, HATModule, TaskIndexedLinear, TaskIndexedModule
 from avalanche_hat.timm_models import HAT_MODELS, PLAIN_TWINS, PretrainedWeightsUnavailableError
+from avalanche_hat.timm_models.vit import HATTokenLinear
 
 from nets import train_task
 
@@ -292,3 +293,28 @@ def test_vit_class_token_and_position_embedding_are_per_task():
     after = [*model.cls_token.copies, *model.pos_embed.copies]
     assert torch.equal(after[0], before[0]) and torch.equal(after[3], before[3])  # task 0's copies
     assert not torch.equal(after[1], before[1]) and not torch.equal(after[4], before[4])  # task 1's
+
+
+@pytest.mark.parametrize("mask_scale", [None, 2.0, 400.0])
+def test_vit_linear_with_the_mask_folded_into_the_weight_computes_what_hat_linear_computes(mask_scale):
+    """The ViT's layers scale weight rows by the mask instead of the (tokens x units) output: same
+    outputs, same gradients of weight, bias and mask embedding (Eq. 2 and 3), same ownership."""
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=3, mask_init="normal")
+    layers = [HATLinear(8, 6, cfg), HATTokenLinear(8, 6, cfg)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x, in_owned = torch.randn(4, 10, 8), (torch.rand(8) > 0.5).float()
+    results = []
+    for layer in layers:
+        mark_task_trained(layer, 0)
+        layer.train()
+        out = layer(HATPayload(x, task_id=1, mask_scale=mask_scale, mask_dim=2, ownership=in_owned))
+        (out.data * torch.arange(6.0)).sum().backward()
+        emb_grad = layer.mask_embedding.grad
+        results.append((out.data, layer.weight.grad, layer.bias.grad, emb_grad, out.ownership))
+    assert results[1][0].abs().sum() > 0 and (results[1][1] == 0).any()  # Eq. 2 froze some weights
+    for name, a, b in zip(("output", "weight grad", "bias grad", "embedding grad", "ownership"), *results):
+        if a is None or b is None:
+            assert a is None and b is None, name
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

@@ -18,11 +18,12 @@ from torch import nn
 
 from ..config import HATConfig
 from ..modules import HATConv2d, HATLinear, TaskIndexedLayerNorm, TaskIndexedParameter
+from ..modules.base import as_payload
 from ..payload import HATPayload
 from ._base import HATNetwork, pair
 from ._pretrained import build, cfg_from_plain
 
-__all__ = ["HATVisionTransformer", "HATAttention", "HATMlp", "HATBlock", "HATPatchEmbed", "HATLayerScale"]
+__all__ = ["HATVisionTransformer", "HATTokenLinear", "HATAttention", "HATMlp", "HATBlock", "HATPatchEmbed", "HATLayerScale"]
 
 
 @torch.no_grad()
@@ -33,6 +34,34 @@ def _init_linear_(module: nn.Module) -> None:
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+class HATTokenLinear(HATLinear):
+    """A :class:`HATLinear` for token sequences that folds its mask into the weight.
+
+    ``m * (W x + b) = (m W) x + m b``: when the layer sees more tokens than it has inputs, scaling
+    the weight rows (``out x in`` per step) is cheaper than multiplying the ``tokens x out`` output
+    and its gradient, and saves no extra activation for the backward. Same outputs (bit-identical
+    with binary masks), same gradients: Eq. 2 still scales the weight gradient (upstream of the
+    fold, so the mask's own gradient, Eq. 3, sees the full ``dL/d(m W)``). The output carries no
+    pending mask: masked units are already exactly 0, and their ownership is kept.
+    """
+
+    def forward(self, payload: HATPayload) -> HATPayload:
+        payload = as_payload(self, payload)
+        x = payload.unmasked_data
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if payload.task_id is None or tokens <= self.in_features:
+            return super().forward(payload)
+        task_id, scale = payload.task_id, payload.mask_scale
+
+        def folded(x, weight, bias):
+            m = self.mask(task_id, scale)  # here, after the layer clamped its embeddings in place
+            return F.linear(x, weight * m.unsqueeze(1), None if bias is None else bias * m)
+
+        out = self._hat_forward(payload, folded, self.in_features, -1)
+        owned = out.ownership
+        return out.derive(out.unmasked_data, mask_dim=out.mask_dim if owned is not None else None, ownership=owned)
 
 
 class HATPatchEmbed(nn.Module):
@@ -80,9 +109,9 @@ class HATAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = HATLinear(dim, dim * 3, hat_config, bias=qkv_bias)
+        self.qkv = HATTokenLinear(dim, dim * 3, hat_config, bias=qkv_bias)
         self.attn_drop = float(attn_drop)
-        self.proj = HATLinear(dim, dim, hat_config)
+        self.proj = HATTokenLinear(dim, dim, hat_config)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: HATPayload) -> HATPayload:
@@ -99,10 +128,10 @@ class HATMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, hat_config: HATConfig, drop: float = 0.0):
         super().__init__()
-        self.fc1 = HATLinear(dim, hidden, hat_config)
+        self.fc1 = HATTokenLinear(dim, hidden, hat_config)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = HATLinear(hidden, dim, hat_config)
+        self.fc2 = HATTokenLinear(hidden, dim, hat_config)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: HATPayload) -> HATPayload:
