@@ -27,7 +27,7 @@ TUNING_GRID = {
     # Avalanche's SI clips every importance at 1e-3, so useful coefficients are large.
     "SI": ("si_lambda", [1.0, 10.0, 100.0, 1e3, 1e4]),
     "LwF": ("lwf_alpha", [0.1, 1.0, 10.0]),
-    "HAT": ("hat_reg_coef", [0.1, 0.75, 2.5]),
+    "HAT": ("hat_reg_coef", [0.1, 0.75, 1.5, 2.5]),
 }
 
 
