@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from avalanche_hat import HATConfig, HATPayload, capacity_report, hat_regularization, trained_tasks
+from avalanche_hat import HATConfig, HATPayload, capacity_report, hat_param_groups, hat_regularization, trained_tasks
 from avalanche_hat.mechanism import CosineMaskScale, LinearMaskScale
 from avalanche_hat.modules import TaskIndexedLinear
 
@@ -132,6 +132,20 @@ def test_mixed_task_minibatch_gives_each_sample_its_own_task_output(trained_run)
             assert torch.equal(mixed[select], model(x[select], t))
 
 
+def test_avalanche_evaluates_a_stream_of_mixed_task_minibatches(trained_run):
+    from avalanche.benchmarks import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+
+    benchmark, strategy, _, results = trained_run
+    data = [benchmark.test_stream[t].dataset for t in range(3)]
+    mixed = with_task_labels(benchmark_from_datasets(mixed=[data[0].concat(data[1]).concat(data[2])]))
+    assert mixed.mixed_stream[0].task_labels == [0, 1, 2]
+    accuracy = strategy.eval(mixed.mixed_stream)["Top1_Acc_Stream/eval_phase/mixed_stream"]
+    sizes = [len(d) for d in data]
+    per_task = [results[f"Top1_Acc_Exp/eval_phase/test_stream/Task{t:03d}/Exp{t:03d}"] for t in range(3)]
+    assert accuracy == pytest.approx(sum(a * n for a, n in zip(per_task, sizes)) / sum(sizes), abs=1e-12)
+
+
 def test_heads_and_embeddings_exist_before_training_and_never_change_in_number(trained_run):
     _, strategy, _, _ = trained_run
     fresh = HATMultiTaskModel(TinyHATNet(HATConfig(num_tasks=3, mask_init="normal")), num_classes=2)
@@ -146,6 +160,24 @@ def test_optimizer_holds_every_parameter_before_the_first_experience():
     strategy = make_strategy()
     in_optimizer = {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for p in strategy.model.parameters()}
+
+
+def test_optimizer_with_an_embedding_group_gets_the_new_heads_without_losing_its_groups():
+    """Adam with the embeddings in their own group (hat_param_groups): the heads HAT adds join the
+    optimizer up front (Avalanche's own placement fails with several groups)."""
+    benchmark = tensor_benchmark(3)
+    torch.manual_seed(0)
+    net = TinyHATNet(HATConfig(num_tasks=3, mask_init="normal"))
+    optimizer = torch.optim.Adam(hat_param_groups(net, embedding_lr=0.05), lr=1e-2)
+    strategy = HAT(model=net, optimizer=optimizer, num_classes=2, train_mb_size=8, train_epochs=6,
+                   evaluator=exact_eval_metrics())
+    assert len(optimizer.param_groups) == 3 and optimizer.param_groups[1]["lr"] == 0.05
+    assert {id(p) for p in optimizer.param_groups[2]["params"]} == {id(p) for p in strategy.model.head.parameters()}
+    for experience in benchmark.train_stream[:2]:
+        strategy.train(experience)
+        results = strategy.eval(benchmark.test_stream[:2])
+    matrix = results["EvalStream/Acc_Matrix"]
+    assert matrix[1, 0].item() == matrix[0, 0].item() >= 0.9 and matrix[1, 1] >= 0.9
 
 
 # --------------------------------------------------------------------------- the loop
@@ -257,13 +289,48 @@ def test_plugin_refuses_adamw_in_another_strategy_before_any_weight_moves():
 def test_class_incremental_stream_is_refused_because_hat_needs_task_ids():
     benchmark = tensor_benchmark(3, task_labels=False)  # every experience has task label 0
     strategy = make_strategy(num_classes=6, epochs=1)
-    strategy.train(benchmark.train_stream[0])
     before = copy.deepcopy(strategy.model.state_dict())
     with pytest.raises(ValueError, match="HAT needs task ids") as error:
-        strategy.train(benchmark.train_stream[1])
+        strategy.train(benchmark.train_stream[0])
     assert "return_task_id=True" in str(error.value)
     after = strategy.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # refused before any step
+
+
+def test_a_task_already_learned_is_refused_unless_revisited_on_purpose():
+    benchmark = tensor_benchmark(3)
+    strategy = make_strategy(epochs=1)
+    strategy.train(benchmark.train_stream[0])
+    before = copy.deepcopy(strategy.model.state_dict())
+    with pytest.raises(ValueError, match=r"task label 0, which this HAT model has already learned"):
+        strategy.train(benchmark.train_stream[0])
+    after = strategy.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing learned was touched
+
+
+@pytest.mark.parametrize("size", [8, 10], ids=["divides", "remainder"])
+def test_online_stream_with_task_boundaries_learns_each_task_over_its_sub_experiences(size):
+    """32 samples per task in sub-experiences of ``size``. Avalanche 0.6.0 flags no sub-experience
+    as last when the size divides the data: the task must still be protected when it ends."""
+    from avalanche.benchmarks.scenarios.online import split_online_stream
+    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+
+    benchmark = tensor_benchmark(2)
+    online = split_online_stream(benchmark.train_stream, experience_size=size, access_task_boundaries=True)
+    strategy = make_strategy(num_tasks=2, epochs=2)
+    with pytest.raises(ValueError, match="with_task_labels"):  # these sub-experiences lost them
+        strategy.train(next(iter(online)))
+    online = with_task_labels(online)
+    x0, _ = stacked_data(benchmark.test_stream[0])
+    seen = []
+    for sub in online:
+        strategy.train(sub)
+        seen.append((sub.task_label, strategy.trained_tasks))
+        if seen[-1] == (0, [0]):
+            task0 = logits(strategy.model, x0, 0)
+    assert seen[0] == (0, [])  # not protected halfway through its experience
+    assert seen[-1] == (1, [0, 1])
+    assert torch.equal(logits(strategy.model, x0, 0), task0)
 
 
 def test_task_label_beyond_the_model_is_refused_before_training():
@@ -391,6 +458,9 @@ def test_capacity_metric_reaches_a_csv_logger(tmp_path):
     for experience in benchmark.train_stream[:2]:
         strategy.train(experience)
         strategy.eval(benchmark.test_stream[:2])
+    restored = pickle.loads(pickle.dumps(logger))  # checkpoints pickle the loggers: files reopen
+    assert restored.metrics_path == logger.metrics_path
+    restored.close()
     logger.close()
     with open(tmp_path / "hat_capacity.csv") as f:
         rows = list(csv.DictReader(f))

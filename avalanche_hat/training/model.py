@@ -40,6 +40,9 @@ def check_no_lazy_modules(model: nn.Module) -> None:
             )
 
 
+_NO_TASK_LABELS = object()
+
+
 class HATMultiTaskModel(MultiTaskModule):
     """A HAT network as an Avalanche multi-task model (task-incremental learning, one head per task).
 
@@ -123,10 +126,16 @@ class HATMultiTaskModel(MultiTaskModule):
 
     def adaptation(self, experience) -> None:
         """Avalanche's model adaptation: nothing is created (every head exists already); task labels
-        outside the model are refused here, before any training step."""
-        for task in getattr(experience, "task_labels", []):
+        outside the model are refused here, before any training step. The bookkeeping of
+        MultiTaskModule (known tasks, largest class) is kept, for experiences that carry it."""
+        task_labels = list(getattr(experience, "task_labels", []))
+        for task in task_labels:
             self.check_task_label(task)
-        super().adaptation(experience)
+        classes = getattr(experience, "classes_in_this_experience", None)
+        if classes:
+            self.max_class_label = max(self.max_class_label, max(classes) + 1)
+        if self.training:
+            self.known_train_tasks_labels = self.known_train_tasks_labels | set(task_labels)
 
     # ----------------------------------------------------------------------------- forward
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
@@ -137,8 +146,15 @@ class HATMultiTaskModel(MultiTaskModule):
             return self.head(out, task)
         return out.data if isinstance(out, HATPayload) else out
 
-    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
-        """Logits for a minibatch whose samples may belong to different tasks."""
+    def forward(self, x: torch.Tensor, task_labels=_NO_TASK_LABELS) -> torch.Tensor:
+        """Logits for a minibatch whose samples may belong to different tasks (``task_labels``: an int
+        or one label per sample; None gives Avalanche's ``forward_all_tasks`` dict)."""
+        if task_labels is _NO_TASK_LABELS:
+            raise TypeError(
+                "HATMultiTaskModel needs the task labels: model(x, task_labels). HAT needs task ids; "
+                "Avalanche passes them for experiences that have task labels (return_task_id=True, "
+                "or a stream wrapped with avalanche.benchmarks.scenarios.task_aware.with_task_labels)"
+            )
         if task_labels is None:
             return self.forward_all_tasks(x)
         if isinstance(task_labels, int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from avalanche.benchmarks.scenarios.online import OnlineCLExperience
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from torch import nn
@@ -137,15 +138,28 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         self.allow_task_revisit = allow_task_revisit
         # Per-experience state, set in before_training_exp.
         self.task_id: int | None = None
+        self._open_task: int | None = None  # started and not yet marked trained (online streams)
+        self._sub_experiences = 0
         self._schedule: MaskScaleSchedule | None = None
         self._unit_batches = 1
 
     # ------------------------------------------------------------------------- experience
     def before_training_exp(self, strategy, **kwargs) -> None:
-        """Check everything first (nothing is touched if one check fails), then reset the optimizer."""
+        """Check everything first (nothing is touched if one check fails), then reset the optimizer.
+
+        In an online stream with task boundaries, the sub-experiences of one experience are one task:
+        the checks and the reset happen at its first sub-experience, the marking after its last."""
         model = check_hat_model(strategy.model)
         check_optimizer(strategy.optimizer)
-        self.task_id = self._experience_task(strategy, model)
+        starts_task = _starts_task(strategy.experience)
+        if starts_task and self._open_task is not None:
+            # The previous online task ended without a sub-experience flagged last.
+            mark_task_trained(model, self._open_task)
+            self._open_task = None
+        self.task_id = self._experience_task(strategy, model, starts_task)
+        if starts_task:
+            self._sub_experiences = 0
+        self._open_task = self.task_id
         config = network_hat_config(model)
         max_scale = self.max_mask_scale if self.max_mask_scale is not None else config.max_mask_scale
         self._schedule = make_schedule(self.schedule, max_scale)
@@ -156,37 +170,68 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             self._unit_batches = per_epoch * max(strategy.train_epochs, 1)
         else:
             self._unit_batches = int(self.scale_unit)
-        strategy.optimizer.state = defaultdict(dict)
+        if starts_task:
+            strategy.optimizer.state = defaultdict(dict)
 
-    def _experience_task(self, strategy, model: nn.Module) -> int:
+    def _experience_task(self, strategy, model: nn.Module, starts_task: bool) -> int:
         experience = strategy.experience
-        labels = sorted(set(getattr(experience, "task_labels", [0])))
+        if not hasattr(experience, "task_labels"):
+            raise ValueError(
+                f"experience {experience.current_experience} has no task labels, so Avalanche would call "
+                "the model without them: HAT needs task ids. Use a task-incremental benchmark "
+                "(return_task_id=True), and wrap derived streams (e.g. split_online_stream) with "
+                "avalanche.benchmarks.scenarios.task_aware.with_task_labels(...)"
+            )
+        labels = set(experience.task_labels)
         data_labels = getattr(getattr(strategy, "adapted_dataset", None), "targets_task_labels", None)
         if data_labels is not None:
-            labels = sorted(set(labels) | set(data_labels.uniques))
+            labels |= set(data_labels.uniques)
+        labels = sorted(int(t) for t in labels)
         if len(labels) != 1:
             raise ValueError(
                 f"experience {experience.current_experience} mixes task labels {labels}: HAT learns one "
                 "task per experience (replay of earlier tasks or joint training do not apply; HAT "
                 "needs no replay to keep earlier tasks)"
             )
-        task = int(labels[0])
-        if task in trained_tasks(model) and not self.allow_task_revisit:
+        task = labels[0]
+        if not starts_task:  # the next part of the task in progress (online stream)
+            if task != self.task_id:
+                raise ValueError(
+                    f"a sub-experience of task {self.task_id} carries task label {task}: an online "
+                    "stream for HAT must keep one task label per original experience"
+                )
+            return task
+        if self.allow_task_revisit:
+            return task
+        trained = trained_tasks(model)
+        if task in trained or _single_task_label_stream(experience):
             raise ValueError(
-                f"experience {experience.current_experience} has task label {task}, which this HAT model "
-                f"has already learned (trained tasks: {trained_tasks(model)}). HAT needs task ids: a "
-                "class-incremental stream gives every experience task label 0. Use a task-incremental "
-                "benchmark (e.g. SplitCIFAR10(..., return_task_id=True)), or pass "
-                "allow_task_revisit=True to train task {task} again on purpose"
-                .replace("{task}", str(task))
+                f"experience {experience.current_experience} has task label {task}, "
+                + (f"which this HAT model has already learned (trained tasks: {trained}). " if task in trained
+                   else "like every other experience of its stream. ")
+                + "HAT needs task ids: a class-incremental stream gives every experience task label 0. "
+                "Use a task-incremental benchmark (e.g. SplitCIFAR10(..., return_task_id=True)), or "
+                f"pass allow_task_revisit=True to train task {task} again on purpose"
             )
         return task
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         model = unwrap_model(strategy.model)
         clamp_embeddings_(model)
-        mark_task_trained(model, self.task_id)
+        self._sub_experiences += 1
+        if self._ends_task(strategy.experience):
+            mark_task_trained(model, self.task_id)
+            self._open_task = None
         model.mask_scale = None
+
+    def _ends_task(self, experience) -> bool:
+        """True unless ``experience`` is a sub-experience of an online stream with task boundaries
+        that is not its experience's last. Avalanche 0.6.0 flags no sub-experience last when the
+        experience size divides the data, so the count of sub-experiences decides as well."""
+        if isinstance(experience, OnlineCLExperience) and experience.access_task_boundaries:
+            length = getattr(experience, "sub_stream_length", None)
+            return bool(experience.is_last_subexp) or (length is not None and self._sub_experiences >= length)
+        return True
 
     # -------------------------------------------------------------------------- iteration
     def before_training_iteration(self, strategy, **kwargs) -> None:
@@ -215,6 +260,29 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     def __getstate__(self):
         make_optimizers_picklable()
         return self.__dict__.copy()
+
+
+def _starts_task(experience) -> bool:
+    """Whether ``experience`` starts a task: always, except inside an online stream that knows its
+    task boundaries, where only the first sub-experience of each experience does."""
+    if isinstance(experience, OnlineCLExperience) and experience.access_task_boundaries:
+        return bool(experience.is_first_subexp)
+    return True
+
+
+def _single_task_label_stream(experience, max_experiences: int = 10_000) -> bool:
+    """True if ``experience`` comes from a stream of several experiences that all carry the same
+    single task label (class- or domain-incremental). Unknown (lazy, unsized) streams give False;
+    the check "task already trained" then fires at the second experience instead."""
+    if isinstance(experience, OnlineCLExperience):
+        return False
+    try:
+        stream = experience.origin_stream
+        if not 2 <= len(stream) <= max_experiences:
+            return False
+        return len({tuple(sorted(e.task_labels)) for e in stream}) == 1
+    except Exception:  # streams that cannot be listed: rely on the later check
+        return False
 
 
 def ownership_respecting_l2(model: nn.Module, task_id: int) -> torch.Tensor:

@@ -55,6 +55,12 @@ def as_hat_model(
         check_hat_model(model)
         check_no_lazy_modules(inner)
         return model
+    if inner is not model:
+        raise ValueError(
+            "the network is wrapped in DistributedDataParallel before it has its per-task heads: wrap "
+            "it as DistributedDataParallel(HATMultiTaskModel(net, num_classes=...)), so that every "
+            "rank holds the same parameters from the start"
+        )
     return HATMultiTaskModel(model, num_classes=num_classes, hat_config=hat_config)
 
 
