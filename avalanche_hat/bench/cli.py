@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lwf-temperature", type=float, default=hp.lwf_temperature)
     g.add_argument("--replay-mem-size", type=int, default=hp.replay_mem_size)
     g.add_argument("--hat-reg-coef", type=float, default=hp.hat_reg_coef)
+    g.add_argument("--hat-quota", type=float, default=hp.hat_quota,
+                   help="share of each layer's free units a task may use before HAT's penalty acts (default 1/T)")
     g.add_argument("--hat-max-mask-scale", type=float, default=hp.hat_max_mask_scale)
     g.add_argument("--hat-schedule", choices=("cosine", "linear"), default=hp.hat_schedule)
     g.add_argument("--hat-scale-unit", choices=("epoch", "experience"), default=hp.hat_scale_unit,
@@ -121,7 +123,7 @@ def _settings_and_hp(args, spec):
     hp = HyperParameters(
         ewc_lambda=args.ewc_lambda, si_lambda=args.si_lambda, lwf_alpha=args.lwf_alpha,
         lwf_temperature=args.lwf_temperature, replay_mem_size=args.replay_mem_size,
-        hat_reg_coef=args.hat_reg_coef, hat_max_mask_scale=args.hat_max_mask_scale, hat_schedule=args.hat_schedule,
+        hat_reg_coef=args.hat_reg_coef, hat_quota=args.hat_quota, hat_max_mask_scale=args.hat_max_mask_scale, hat_schedule=args.hat_schedule,
         hat_scale_unit=args.hat_scale_unit,
     )
     return settings, hp

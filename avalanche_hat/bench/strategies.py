@@ -54,6 +54,7 @@ class HyperParameters:
     packnet_post_prune_epochs: int | None = None  # None: half of the epochs (at least 1)
     packnet_prune: str = "equal"  # "equal": task i keeps 1/(T - i) of the free weights; or a float
     hat_reg_coef: float = 0.75  # HAT-CL layerwise usage penalty coefficient (original c); grid {0.1, 0.75, 1.5, 2.5}
+    hat_quota: float | None = None  # share of each layer's free units a task may use unpenalised (None: 1/T)
     hat_max_mask_scale: float = 400.0  # s_max, original HAT
     hat_schedule: str = "cosine"  # HAT-CL Eq. 6
     hat_scale_unit: str = "epoch"  # one period of the mask-scale schedule: "epoch" or "experience"
@@ -292,10 +293,12 @@ def hat(settings, hp, plugins, evaluator) -> Built:
                            width=settings.width, hat_config=cfg)
     model = HATMultiTaskModel(backbone, num_classes=settings.classes_per_task, hat_config=cfg)
     kwargs = _common(model, settings, plugins, evaluator)
-    strategy = HAT(reg_coef=hp.hat_reg_coef, schedule=hp.hat_schedule, scale_unit=hp.hat_scale_unit, **kwargs)
+    strategy = HAT(reg_coef=hp.hat_reg_coef, quota=hp.hat_quota, schedule=hp.hat_schedule,
+                   scale_unit=hp.hat_scale_unit, **kwargs)
     return Built(strategy, model, {"description": "avalanche_hat.HAT (HAT-CL: dense init, cosine mask scale, "
                                                   "layerwise usage penalty)",
-                                   "hat_reg_coef": hp.hat_reg_coef, "hat_max_mask_scale": hp.hat_max_mask_scale,
+                                   "hat_reg_coef": hp.hat_reg_coef, "hat_quota": hp.hat_quota,
+                                   "hat_max_mask_scale": hp.hat_max_mask_scale,
                                    "hat_schedule": hp.hat_schedule, "hat_scale_unit": hp.hat_scale_unit})
 
 
