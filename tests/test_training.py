@@ -11,23 +11,22 @@ import sys
 
 import pytest
 import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from avalanche.training import Naive
 from torch import nn
 
-from avalanche_hat import HATConfig, HATPayload, capacity_report, hat_param_groups, hat_regularization, trained_tasks
+from avalanche_hat import (
+    HAT, HATConfig, HATMultiTaskModel, HATPayload, HATPlugin, capacity_report, hat_param_groups,
+    hat_regularization, trained_tasks,
+)
 from avalanche_hat.mechanism import CosineMaskScale, LinearMaskScale
 from avalanche_hat.modules import TaskIndexedLinear
+from avalanche_hat.training import HATCapacityMetric, HATCSVLogger, default_hat_evaluator
 
 from cifar_fixtures import TinyHATNet, exact_eval_metrics, tensor_benchmark
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
-
-avalanche = pytest.importorskip("avalanche")
-from avalanche.core import SupervisedPlugin  # noqa: E402
-from avalanche.models import MultiHeadClassifier, MultiTaskModule  # noqa: E402
-from avalanche.training import Naive  # noqa: E402
-
-from avalanche_hat import HAT, HATMultiTaskModel, HATPlugin  # noqa: E402
-from avalanche_hat.training import HATCapacityMetric, HATCSVLogger, default_hat_evaluator  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -306,6 +305,27 @@ def test_a_task_already_learned_is_refused_unless_revisited_on_purpose():
         strategy.train(benchmark.train_stream[0])
     after = strategy.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing learned was touched
+
+
+class Interrupt(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.armed = True
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_experience_is_not_marked_trained_and_can_be_trained_again():
+    benchmark = tensor_benchmark(3)
+    strategy = make_strategy(plugins=[Interrupt()], epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.train(benchmark.train_stream[0])
+    assert strategy.trained_tasks == []
+    strategy.train(benchmark.train_stream[0])
+    assert strategy.trained_tasks == [0]
 
 
 @pytest.mark.parametrize("size", [8, 10], ids=["divides", "remainder"])

@@ -14,18 +14,14 @@ import textwrap
 
 import pytest
 import torch
+from avalanche.benchmarks.classic import SplitCIFAR100, SplitFMNIST
 
-from avalanche_hat import HATConfig
+from avalanche_hat import HAT, HATConfig, HATMultiTaskModel
 
 from cifar_fixtures import (
     TinyHATNet, exact_eval_metrics, fashion_mnist_available, patch_cifar_checksums, run_split_cifar10,
     tensor_benchmark, write_cifar10, write_cifar100, write_fashion_mnist,
 )
-
-pytest.importorskip("avalanche")
-from avalanche.benchmarks.classic import SplitCIFAR10, SplitCIFAR100, SplitFMNIST  # noqa: E402
-
-from avalanche_hat import HAT, HATMultiTaskModel  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -109,7 +109,8 @@ class HATMultiTaskModel(MultiTaskModule):
                     f"cannot tell the output width of {type(backbone).__name__}: pass num_features= "
                     "(or give the backbone a num_features attribute)"
                 )
-            self.head = TaskIndexedLinear(num_features, num_classes, hat_config)
+            like = next(backbone.parameters())  # the head starts where the backbone is
+            self.head = TaskIndexedLinear(num_features, num_classes, hat_config, device=like.device, dtype=like.dtype)
             self.num_classes = num_classes
         self.num_features = num_features
 

@@ -159,7 +159,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         self.task_id = self._experience_task(strategy, model, starts_task)
         if starts_task:
             self._sub_experiences = 0
-        self._open_task = self.task_id
+        self._open_task = self.task_id if _online_with_boundaries(strategy.experience) else None
         config = network_hat_config(model)
         max_scale = self.max_mask_scale if self.max_mask_scale is not None else config.max_mask_scale
         self._schedule = make_schedule(self.schedule, max_scale)
@@ -228,7 +228,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         """True unless ``experience`` is a sub-experience of an online stream with task boundaries
         that is not its experience's last. Avalanche 0.6.0 flags no sub-experience last when the
         experience size divides the data, so the count of sub-experiences decides as well."""
-        if isinstance(experience, OnlineCLExperience) and experience.access_task_boundaries:
+        if _online_with_boundaries(experience):
             length = getattr(experience, "sub_stream_length", None)
             return bool(experience.is_last_subexp) or (length is not None and self._sub_experiences >= length)
         return True
@@ -262,12 +262,14 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         return self.__dict__.copy()
 
 
+def _online_with_boundaries(experience) -> bool:
+    return isinstance(experience, OnlineCLExperience) and bool(experience.access_task_boundaries)
+
+
 def _starts_task(experience) -> bool:
     """Whether ``experience`` starts a task: always, except inside an online stream that knows its
     task boundaries, where only the first sub-experience of each experience does."""
-    if isinstance(experience, OnlineCLExperience) and experience.access_task_boundaries:
-        return bool(experience.is_first_subexp)
-    return True
+    return bool(experience.is_first_subexp) if _online_with_boundaries(experience) else True
 
 
 def _single_task_label_stream(experience, max_experiences: int = 10_000) -> bool:
