@@ -1,16 +1,20 @@
 """What HAT costs: a training step and an inference step of each HAT network against its plain timm
 twin, same batch, same input, same optimizer, in one process.
 
-Usage:  python benchmarks/model_overhead.py [--models hat_resnet18s ...] [--reps 15] [--threads 2]
+Usage:  python benchmarks/model_overhead.py [--models hat_resnet18s ...] [--reps 15] [--threads 1]
+        [--clock process|wall] [--no-reg] [--json out.json]
 
 Each repetition times one HAT step and one plain step back to back (order alternating), so load
 from other processes hits both alike; the table shows the median of the per-repetition ratios and
-the median times. The HAT training step is the full step of task 1 after task 0 was learned (so
-gradient nullification is active): forward at a soft mask scale, cross-entropy plus the HAT
-regulariser, backward, SGD step; the plain step is forward, cross-entropy, backward, SGD step.
-Inference: eval mode, no grad, binary masks of task 0. Peak memory: the largest resident set above
-the step's starting point during one training step, measured in a child process whose allocator
-returns large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``), ``/proc`` high-water mark.
+the median times. By default one thread and the CPU time of the process are measured: on a shared
+machine that is what stays stable (with two threads, OpenMP waits for a busy core count as work).
+The HAT training step is the full step of task 1 after task 0 was learned (so gradient
+nullification is active): forward at a soft mask scale, cross-entropy plus the HAT regulariser
+(``--no-reg`` leaves it out), backward, SGD step; the plain step is forward, cross-entropy,
+backward, SGD step. Inference: eval mode, no grad, binary masks of task 0. Peak memory: the largest
+resident set above the step's starting point during one training step, measured in a child process
+whose allocator returns large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``), from the
+``/proc`` high-water mark.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ SETTINGS = [
 NUM_CLASSES = 10
 MASK_SCALE = 100.0  # a soft mask scale, as in the middle of the cosine schedule
 REG = 0.75
+WITH_REG = True  # --no-reg: time the HAT step without the regulariser (what the layers alone cost)
 
 
 def make_pair(setting, seed: int = 0):
@@ -72,7 +77,8 @@ def train_step_fn(model, x, y, hat: bool):
         opt.zero_grad(set_to_none=True)
         if hat:
             loss = F.cross_entropy(model(x, task_id=1, mask_scale=MASK_SCALE), y)
-            loss = loss + REG * hat_regularization(model, 1, MASK_SCALE)
+            if WITH_REG:
+                loss = loss + REG * hat_regularization(model, 1, MASK_SCALE)
         else:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -172,21 +178,24 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="process",
                         help="process: CPU time of this process (robust to other load with 1 thread); wall")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-reg", action="store_true", help="leave the HAT regulariser out of the HAT step")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global clock
+    global clock, WITH_REG
     clock = CLOCKS[args.clock]
+    WITH_REG = not args.no_reg
     rows = args.only if args.only is not None else [i for i, s in enumerate(SETTINGS) if s[0] in args.models]
     if args.memory_child:
         memory_child(rows)
         return
 
-    memory = {} if args.no_memory else measure_memory(rows, args.threads)
+    memory = {} if args.no_memory or args.no_reg else measure_memory(rows, args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} thread(s), {args.clock} clock, "
           f"load average {os.getloadavg()[0]:.1f}, {args.reps} interleaved "
-          f"repetitions (median), HAT task 1 of 5 at mask scale {MASK_SCALE:g} with task 0 trained")
+          f"repetitions (median), HAT task 1 of 5 at mask scale {MASK_SCALE:g} with task 0 trained, "
+          f"{'with' if WITH_REG else 'WITHOUT'} the regulariser")
     header = (f"| {'model':<26} | {'input':<13} | {'train ms HAT':>12} | {'plain':>8} | {'ratio':>6} "
               f"| {'infer ms HAT':>12} | {'plain':>8} | {'ratio':>6} | {'peak MB HAT':>11} | {'plain':>7} |")
     print(header)

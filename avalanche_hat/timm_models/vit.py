@@ -36,30 +36,82 @@ def _init_linear_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class _MaskFoldedLinear(torch.autograd.Function):
+    """``F.linear(x, W * m[:, None], b * m)`` with Eq. 2's factors applied to the weight and bias
+    gradients in its own backward. The masked weight is recomputed there instead of being kept, so
+    training holds no weight-sized temporary between forward and backward. The mask's gradient
+    uses the full ``dL/d(m W)`` (before Eq. 2), as when the mask multiplies the output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, weight_factor, bias_factor):
+        ctx.save_for_backward(x, weight, bias, mask, weight_factor, bias_factor)
+        return F.linear(x, weight * mask.unsqueeze(1), None if bias is None else bias * mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mask, weight_factor, bias_factor = ctx.saved_tensors
+        dtype = grad.dtype  # under autocast the saved tensors may be in another precision
+        col = mask.to(dtype).unsqueeze(1)
+        grad_x = grad_w = grad_b = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight.to(dtype) * col).to(x.dtype)
+        g = grad.reshape(-1, grad.shape[-1])
+        need_w, need_b, need_m = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        gw = g.t().mm(x.reshape(-1, x.shape[-1]).to(dtype)) if (need_w or need_m) else None  # dL/d(m W)
+        gb = g.sum(0) if bias is not None and (need_b or need_m) else None
+        if need_m:
+            grad_m = (gw * weight.to(dtype)).sum(1)
+            if gb is not None:
+                grad_m = grad_m + gb * bias.to(dtype)
+            grad_m = grad_m.to(mask.dtype)
+        if need_w:
+            grad_w = gw.mul_(col * weight_factor.to(dtype).view(col.shape[0], -1)).to(weight.dtype)
+        if bias is not None and need_b:
+            grad_b = (gb * mask.to(dtype) * bias_factor.to(dtype)).to(bias.dtype)
+        return grad_x, grad_w, grad_b, grad_m, None, None
+
+
 class HATTokenLinear(HATLinear):
     """A :class:`HATLinear` for token sequences that folds its mask into the weight.
 
     ``m * (W x + b) = (m W) x + m b``: when the layer sees more tokens than it has inputs, scaling
     the weight rows (``out x in`` per step) is cheaper than multiplying the ``tokens x out`` output
     and its gradient, and saves no extra activation for the backward. Same outputs (bit-identical
-    with binary masks), same gradients: Eq. 2 still scales the weight gradient (upstream of the
-    fold, so the mask's own gradient, Eq. 3, sees the full ``dL/d(m W)``). The output carries no
-    pending mask: masked units are already exactly 0, and their ownership is kept.
+    with binary masks), same gradients: Eq. 2 scales the weight and bias gradients, and the mask's
+    own gradient (Eq. 3) sees the full ``dL/d(m W)``. The output carries no pending mask: masked
+    units are already exactly 0, and their ownership is kept.
+
+    ``fold_mask``: ``None`` (default) folds when the input has more tokens than the layer has
+    inputs, ``True`` always, ``False`` never (the mask stays pending, as in :class:`HATLinear`).
     """
+
+    fold_mask: bool | None = None
 
     def forward(self, payload: HATPayload) -> HATPayload:
         payload = as_payload(self, payload)
         x = payload.unmasked_data
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if payload.task_id is None or tokens <= self.in_features:
+        fold = self.fold_mask
+        if fold is None:
+            fold = x.numel() // max(x.shape[-1], 1) > self.in_features
+        if payload.task_id is None or not fold:
             return super().forward(payload)
         task_id, scale = payload.task_id, payload.mask_scale
 
         def folded(x, weight, bias):
-            m = self.mask(task_id, scale)  # here, after the layer clamped its embeddings in place
+            m = self.mask(task_id, scale)
             return F.linear(x, weight * m.unsqueeze(1), None if bias is None else bias * m)
 
-        out = self._hat_forward(payload, folded, self.in_features, -1)
+        def folded_nullified(x, weight, bias, weight_factor, bias_factor):
+            m = self.mask(task_id, scale)  # here, after the layer clamped its embeddings in place
+            return _MaskFoldedLinear.apply(x, weight, bias, m, weight_factor, bias_factor)
+
+        if not (self.training and torch.is_grad_enabled()):  # inference: no gradient to nullify
+            x = payload.data
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"{type(self).__name__} expects {self.in_features} input units along the last "
+                                 f"axis, got an input of shape {tuple(x.shape)}")
+            return payload.derive(folded(x, self.weight, self.bias))
+        out = self._hat_forward(payload, folded, self.in_features, -1, nullified=folded_nullified)
         owned = out.ownership
         return out.derive(out.unmasked_data, mask_dim=out.mask_dim if owned is not None else None, ownership=owned)
 
