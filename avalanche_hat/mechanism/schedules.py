@@ -19,34 +19,30 @@ class MaskScaleSchedule:
         return self((batch_index % num_batches) / (num_batches - 1))
 
 
-class CosineMaskScale(MaskScaleSchedule):
-    """HAT-CL Eq. 6: ``s = s_max / 2 * (1 + cos(2 pi p))``: high, near 0 mid-unit, high again."""
+class _BoundedSchedule(MaskScaleSchedule):
+    """A schedule that reaches ``max_scale`` (``s_max``)."""
 
     def __init__(self, max_scale: float = 400.0) -> None:
         if not max_scale > 0:
             raise ValueError(f"max_scale must be > 0, got {max_scale}")
         self.max_scale = float(max_scale)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_scale={self.max_scale:g})"
+
+
+class CosineMaskScale(_BoundedSchedule):
+    """HAT-CL Eq. 6: ``s = s_max / 2 * (1 + cos(2 pi p))``: high, near 0 mid-unit, high again."""
 
     def __call__(self, progress: float) -> float:
         return self.max_scale / 2.0 * (1.0 + math.cos(2.0 * math.pi * progress))
 
-    def __repr__(self) -> str:
-        return f"CosineMaskScale(max_scale={self.max_scale:g})"
 
-
-class LinearMaskScale(MaskScaleSchedule):
+class LinearMaskScale(_BoundedSchedule):
     """Original HAT Eq. 4: ``s = 1/s_max + (s_max - 1/s_max) p``, from nearly 0 up to ``s_max``."""
-
-    def __init__(self, max_scale: float = 400.0) -> None:
-        if not max_scale > 0:
-            raise ValueError(f"max_scale must be > 0, got {max_scale}")
-        self.max_scale = float(max_scale)
 
     def __call__(self, progress: float) -> float:
         return 1.0 / self.max_scale + (self.max_scale - 1.0 / self.max_scale) * progress
-
-    def __repr__(self) -> str:
-        return f"LinearMaskScale(max_scale={self.max_scale:g})"
 
 
 class ConstantMaskScale(MaskScaleSchedule):
