@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import avalanche_hat.timm_models as hat_timm
-from avalanche_hat import HATConfig, HATPayload, mark_task_trained
+from avalanche_hat import HATConfig, HATPayload, forget_task, mark_task_trained
 from avalanche_hat.modules import HATLinear, HATModule, TaskIndexedLinear, TaskIndexedModule
 from avalanche_hat.timm_models import HAT_MODELS, PLAIN_TWINS, PretrainedWeightsUnavailableError
 from avalanche_hat.timm_models.vit import HATTokenLinear
@@ -332,3 +332,20 @@ def test_vit_linear_with_the_mask_folded_into_the_weight_computes_what_hat_linea
             assert a is None and b is None, name
         else:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["hat_vit_tiny_patch16_224", "hat_alexnet"])
+def test_forgetting_task_0_leaves_task_1_bit_identical(name):
+    torch.manual_seed(0)
+    chans, _, extra = SMALL[name]
+    model = timm.create_model(name, hat_config=HATConfig(num_tasks=2, mask_init="normal"), num_classes=2,
+                              in_chans=chans, **extra)
+    fold_masks(model, True)
+    (x0, y0), (x1, y1) = two_tasks(name)
+    train_task(model, 0, x0, y0, sgd, epochs=2, batch=8)
+    train_task(model, 1, x1, y1, sgd, epochs=2, batch=8)
+    model.eval()
+    with torch.no_grad():
+        before = model(x1, task_id=1)
+        assert sum(forget_task(model, 0).values()) > 0
+        assert torch.equal(model(x1, task_id=1), before)
