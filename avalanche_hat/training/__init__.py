@@ -1,6 +1,24 @@
 """The Avalanche integration of HAT: strategy, plugin, multi-task model, capacity metric, checkpoints.
 
-This is the only part of avalanche_hat that imports Avalanche.
+This is the only part of avalanche_hat that imports Avalanche. Usage::
+
+    import timm, torch
+    import avalanche_hat.timm_models  # registers hat_resnet18s, ...
+    from avalanche.benchmarks.classic import SplitCIFAR10
+    from avalanche_hat import HAT, HATConfig
+    from avalanche_hat.training import maybe_load_checkpoint, save_checkpoint
+
+    benchmark = SplitCIFAR10(5, return_task_id=True, seed=0, class_ids_from_zero_in_each_exp=True)
+    net = timm.create_model("hat_resnet18s", hat_config=HATConfig(num_tasks=5), num_classes=0)
+    strategy = HAT(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05), num_classes=2,
+                   train_mb_size=64, train_epochs=10, device="cuda" if torch.cuda.is_available() else "cpu")
+    strategy, start = maybe_load_checkpoint(strategy, "hat.ckpt")
+    for experience in benchmark.train_stream[start:]:
+        strategy.train(experience)
+        strategy.eval(benchmark.test_stream)
+        save_checkpoint(strategy, "hat.ckpt")
+
+Any other strategy gets HAT with ``plugins=[HATPlugin()]`` and a ``HATMultiTaskModel`` model.
 """
 from .checkpoint import make_optimizers_picklable, maybe_load_checkpoint, save_checkpoint
 from .metrics import HATCapacityMetric, HATCSVLogger, capacity_metric_values, hat_capacity_metrics
