@@ -82,6 +82,17 @@ def test_forgetting_task_0_drops_it_to_chance_and_keeps_the_others(leaderboard):
     assert f["accuracy_before"] == pytest.approx(hat_run["accuracy_matrix"][-1], abs=1e-6)  # Avalanche: float32
 
 
+def test_tables_and_figures_rebuild_from_the_json(leaderboard, tmp_path):
+    """``--from-json`` rewrites the same tables and figures without training."""
+    out, data = leaderboard
+    assert cli.main(["--from-json", str(out / "digits.json"), "--out", str(tmp_path), "--name", "again"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["leaderboard"] == data["leaderboard"] and again["runs"] == data["runs"]
+    assert (tmp_path / "again.md").read_text().split("## Configuration")[0] == \
+        (out / "digits.md").read_text().split("## Configuration")[0]
+    assert (tmp_path / "again_hat_capacity.png").exists() and (tmp_path / "again_forgetting.png").exists()
+
+
 def test_python_dash_m_runs_the_command(tmp_path):
     """``python -m avalanche_hat.bench`` is wired to the same main (2 methods, 1 seed)."""
     cmd = [sys.executable, "-m", "avalanche_hat.bench", "--benchmark", "digits", "--methods", "naive,hat",

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-forgetting", action="store_true",
                    help="skip the Table 2 experiment (forget task 0 of the trained HAT model)")
     g.add_argument("--forget-task", type=int, default=0, help="task forgotten in the Table 2 experiment")
+    g.add_argument("--from-json", default=None, metavar="JSON",
+                   help="no training: write the tables and figures again from a leaderboard JSON")
     g.add_argument("--out", default=DEFAULT_OUT, help="folder for the Markdown, CSV, JSON and PNG files")
     g.add_argument("--name", default=None, help="file name stem (default: the benchmark name)")
     g.add_argument("--no-plots", action="store_true")
@@ -142,6 +144,9 @@ def main(argv=None) -> int:
     from .data import DataNotFound, make_benchmark
     from .strategies import resolve_methods
 
+    if args.from_json:
+        out = None if args.out == DEFAULT_OUT else args.out
+        return _rerender(Path(args.from_json), out, args.name, plots=not args.no_plots)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -173,7 +178,6 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
     import torch
 
     from .data import loading_seconds
-    from .report import aggregate, text_table, write_outputs
     from .runner import run_method
     from .strategies import UnsupportedNetwork
 
@@ -203,29 +207,45 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
                 hat_models[seed] = r.model
                 r.model = None
             results.append(r)
-            print(f"  {method:>13} seed {seed}: ACC {100 * r.acc:.2f}%  BWT {100 * r.bwt:+.2f}%  "
-                  f"train {r.train_seconds:.1f} s", flush=True)
+            bwt = "n/a" if r.bwt != r.bwt else f"{100 * r.bwt:+.2f}%"
+            print(f"  {method:>13} seed {seed}: ACC {100 * r.acc:.2f}%  BWT {bwt}  train {r.train_seconds:.1f} s",
+                  flush=True)
     wall = time.perf_counter() - wall
-    rows = aggregate(results)
     config = {
         "command": _command(argv), "benchmark": spec.describe(), "methods": methods, "seeds": args.seeds,
         "settings": asdict(settings), "hyper_parameters": {m: r.config for m, r in
                                                            {r.method: r for r in results}.items()},
+        "hyper_parameter_values": asdict(hp),
         "total_wall_seconds": round(wall, 1),
         "data_loading_seconds_per_epoch_all_tasks": round(load_epoch, 2),
         "torch_threads": torch.get_num_threads(),
         "skipped": skipped,
     }
-    extra = []
     forgetting = None
     if "HAT" in methods and not args.no_forgetting:
         from .forgetting import forgetting_experiment
 
-        seed = args.seeds[0]
-        forgetting = forgetting_experiment(hat_models[seed], spec.scenario.test_stream, task=args.forget_task,
-                                           device=settings.device)
+        forgetting = forgetting_experiment(hat_models[args.seeds[0]], spec.scenario.test_stream,
+                                           task=args.forget_task, device=settings.device)
         config["forgetting"] = forgetting.to_dict()
-        extra += [f"## Forgetting task {args.forget_task} (HAT, seed {seed}; paper Table 2)", "",
+    paths = publish(out, stem, results, config, plots=not args.no_plots)
+    print(f"total wall time {wall:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def publish(out: Path, stem: str, results, config: dict, plots: bool = True) -> dict:
+    """Write the tables (Markdown, CSV, JSON) and figures of a leaderboard and print it."""
+    from .forgetting import ForgettingResult
+    from .report import aggregate, text_table, write_outputs
+
+    rows = aggregate(results)
+    seeds = config["seeds"]
+    name = config["benchmark"]["benchmark"]
+    skipped = config.get("skipped", {})
+    forgetting = ForgettingResult.from_dict(config["forgetting"]) if config.get("forgetting") else None
+    extra = []
+    if forgetting is not None:
+        extra += [f"## Forgetting task {forgetting.task} (HAT, seed {seeds[0]}; paper Table 2)", "",
                   forgetting.to_markdown(), ""]
     hat_result = next((r for r in results if r.method == "HAT"), None)
     if hat_result is not None and hat_result.capacity:
@@ -233,30 +253,40 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
     if skipped:
         extra += ["## Skipped", "", *(f"- {m}: {why}" for m, why in skipped.items()), ""]
     paths = write_outputs(out, stem, rows, results, config, "\n".join(extra))
-    if not args.no_plots:
-        from . import plots
+    if plots:
+        from . import plots as figures
 
-        first = [r for r in results if r.seed == args.seeds[0]]
-        paths["matrices"] = plots.accuracy_matrices(
-            first, out / f"{stem}_accuracy_matrices.png",
-            title=f"{spec.name}: accuracy (%) after each task, seed {args.seeds[0]}")
+        first = [r for r in results if r.seed == seeds[0]]
+        paths["matrices"] = figures.accuracy_matrices(
+            first, out / f"{stem}_accuracy_matrices.png", title=f"{name}: accuracy (%) after each task, seed {seeds[0]}")
         if hat_result is not None and hat_result.capacity:
-            paths["capacity"] = plots.hat_capacity(hat_result.capacity, out / f"{stem}_hat_capacity.png",
-                                                   title=f"HAT on {spec.name}, seed {hat_result.seed}")
+            paths["capacity"] = figures.hat_capacity(hat_result.capacity, out / f"{stem}_hat_capacity.png",
+                                                     title=f"HAT on {name}, seed {hat_result.seed}")
         if forgetting is not None:
-            paths["forgetting"] = plots.forgetting_bars(forgetting.before, forgetting.after, forgetting.task,
-                                                        out / f"{stem}_forgetting.png",
-                                                        chance=max(forgetting.chance))
+            paths["forgetting"] = figures.forgetting_bars(forgetting.before, forgetting.after, forgetting.task,
+                                                          out / f"{stem}_forgetting.png", chance=max(forgetting.chance))
     print()
     print(text_table(rows))
     for method, why in skipped.items():
         print(f"{method}: skipped ({why})")
     if forgetting is not None:
         print()
-        print(f"Forgetting task {forgetting.task} of HAT (seed {args.seeds[0]}), accuracy (%):")
+        print(f"Forgetting task {forgetting.task} of HAT (seed {seeds[0]}), accuracy (%):")
         print(forgetting.to_markdown())
     print()
-    print(f"total wall time {wall:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def _rerender(path: Path, out: Path | None, stem: str | None, plots: bool) -> int:
+    """Tables and figures again from a leaderboard JSON (no training)."""
+    from .runner import MethodResult
+
+    data = json.loads(Path(path).read_text())
+    results = [MethodResult.from_dict(run) for run in data["runs"]]
+    out = Path(out) if out is not None else Path(path).parent
+    stem = stem or Path(path).stem
+    paths = publish(out, stem, results, data["config"], plots=plots)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

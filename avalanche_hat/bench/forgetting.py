@@ -30,6 +30,12 @@ class ForgettingResult:
                  "| logits bit-identical | " + " | ".join("yes" if s else "no" for s in self.identical_outputs) + " |"]
         return "\n".join(lines)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ForgettingResult":
+        return cls(task=d["forgotten_task"], before=d["accuracy_before"], after=d["accuracy_after"],
+                   chance=d["chance"], identical_outputs=d["logits_bit_identical"],
+                   reinitialised=d["reinitialised_parameters"])
+
     def to_dict(self) -> dict:
         return {"forgotten_task": self.task, "accuracy_before": self.before, "accuracy_after": self.after,
                 "chance": self.chance, "logits_bit_identical": self.identical_outputs,

@@ -52,10 +52,12 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 2, signed: boo
     mean, std = _mean_std(values)
     if math.isnan(mean):
         return "n/a"
-    sign = "+" if signed else ""
-    text = f"{scale * mean:{sign}.{digits}f}"
-    if text.lstrip("+-").strip("0.") == "":  # show an exact zero as 0.00, without a sign
+    # An exact zero prints as 0.00; a non-zero value that rounds to zero keeps its sign (-0.00, +0.00),
+    # so exact zero forgetting can be told from small forgetting.
+    if mean == 0.0:
         text = f"{0:.{digits}f}"
+    else:
+        text = f"{scale * mean:{'+' if signed or abs(scale * mean) < 0.5 * 10 ** -digits else ''}.{digits}f}"
     if len(values) > 1:
         text += f" ± {scale * std:.{digits}f}"
     return text

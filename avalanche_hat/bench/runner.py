@@ -54,6 +54,13 @@ class MethodResult:
         return float(np.mean([max(self.matrix[i][j] for i in range(j, t - 1)) - self.matrix[-1][j]
                               for j in range(t - 1)]))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodResult":
+        """Back from :meth:`to_dict` (the ``runs`` of a leaderboard JSON)."""
+        return cls(method=d["method"], seed=d["seed"], matrix=d["accuracy_matrix"], train_seconds=d["train_seconds"],
+                   parameters=d["parameters"], peak_memory_mb=d["peak_memory_mb"], memory_kind=d["memory_kind"],
+                   config=d["config"], capacity=d.get("capacity"))
+
     def to_dict(self) -> dict:
         return {
             "method": self.method, "seed": self.seed, "acc": self.acc, "bwt": self.bwt,
