@@ -8,7 +8,6 @@ import timm
 import torch
 from torch import nn
 
-import avalanche_hat.timm_models as hat_timm
 from avalanche_hat import HATConfig, HATPayload, forget_task, mark_task_trained
 from avalanche_hat.modules import HATLinear, HATModule, TaskIndexedLinear, TaskIndexedModule
 from avalanche_hat.timm_models import HAT_MODELS, PLAIN_TWINS, PretrainedWeightsUnavailableError
