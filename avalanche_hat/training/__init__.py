@@ -21,6 +21,10 @@ This is the only part of avalanche_hat that imports Avalanche. Usage::
 Any other strategy gets HAT with ``plugins=[HATPlugin()]`` and a ``HATMultiTaskModel`` model.
 """
 from .checkpoint import make_optimizers_picklable, maybe_load_checkpoint, save_checkpoint
+from .distributed import (
+    DistributedHATPlugin, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed,
+    is_main_process,
+)
 from .metrics import HATCapacityMetric, HATCSVLogger, capacity_metric_values, hat_capacity_metrics
 from .model import HATMultiTaskModel
 from .plugin import DEFAULT_REG_COEF, HATPlugin, check_optimizer
@@ -30,4 +34,6 @@ __all__ = [
     "HAT", "HATPlugin", "HATMultiTaskModel", "HATCapacityMetric", "HATCSVLogger", "hat_capacity_metrics",
     "capacity_metric_values", "default_hat_evaluator", "as_hat_model", "check_optimizer",
     "save_checkpoint", "maybe_load_checkpoint", "make_optimizers_picklable", "DEFAULT_REG_COEF",
+    "DistributedHATPlugin", "init_distributed", "destroy_distributed", "is_distributed", "is_main_process",
+    "get_rank", "get_world_size",
 ]

@@ -18,6 +18,7 @@ from ..config import HATConfig
 from ..mechanism.schedules import MaskScaleSchedule
 from ..network import trained_tasks
 from .checkpoint import make_optimizers_picklable
+from .distributed import DistributedHATPlugin, is_distributed, local_device
 from .metrics import hat_capacity_metrics
 from .model import HATMultiTaskModel, check_no_lazy_modules
 from .plugin import DEFAULT_REG_COEF, HATPlugin, check_hat_model, check_optimizer, unwrap_model
@@ -57,9 +58,9 @@ def as_hat_model(
         return model
     if inner is not model:
         raise ValueError(
-            "the network is wrapped in DistributedDataParallel before it has its per-task heads: wrap "
-            "it as DistributedDataParallel(HATMultiTaskModel(net, num_classes=...)), so that every "
-            "rank holds the same parameters from the start"
+            "the network is wrapped in DistributedDataParallel before it has its per-task heads: pass "
+            "the plain network; under torchrun the HAT strategy wraps the whole model (heads included) "
+            "in DistributedDataParallel itself"
         )
     return HATMultiTaskModel(model, num_classes=num_classes, hat_config=hat_config)
 
@@ -96,9 +97,15 @@ class HAT(SupervisedTemplate):
     :param hat_config: the network's HATConfig (found in its layers when omitted).
     :param reg_coef, regularization, quota, schedule, max_mask_scale, scale_unit, weight_decay,
         allow_task_revisit: see :class:`HATPlugin`.
+    :param distributed: data-parallel training under ``torchrun`` (see
+        :mod:`avalanche_hat.training.distributed`). ``None`` (default): whenever the process belongs
+        to a ``torch.distributed`` process group (``init_distributed()``), otherwise nothing changes;
+        ``True``: the same, and an error without a process group; ``False``: never; or a
+        :class:`DistributedHATPlugin` with its options. ``train_mb_size`` is then per process.
     :param train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every:
         as for every Avalanche strategy; ``plugins`` are kept (the HATPlugin is added to a copy of the
         list). The default evaluator adds the HAT capacity metric to accuracy, loss and forgetting.
+        ``device`` defaults to this process's device (``cuda:LOCAL_RANK`` under NCCL, else the CPU).
     """
 
     def __init__(
@@ -117,10 +124,11 @@ class HAT(SupervisedTemplate):
         scale_unit: Union[str, int] = "epoch",
         weight_decay: float = 0.0,
         allow_task_revisit: bool = False,
+        distributed: Union[bool, None, DistributedHATPlugin] = None,
         train_mb_size: int = 1,
         train_epochs: int = 1,
         eval_mb_size: Optional[int] = None,
-        device: Union[str, torch.device] = "cpu",
+        device: Union[str, torch.device, None] = None,
         plugins: Optional[Sequence[BasePlugin]] = None,
         evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_hat_evaluator,
         eval_every: int = -1,
@@ -139,7 +147,12 @@ class HAT(SupervisedTemplate):
             weight_decay=weight_decay,
             allow_task_revisit=allow_task_revisit,
         )
+        self.distributed_plugin = _distributed_plugin(distributed)
         plugins = [*(plugins or []), self.hat_plugin]
+        if self.distributed_plugin is not None:
+            plugins.append(self.distributed_plugin)  # last: its metric gathering feeds the evaluator
+        if device is None:
+            device = local_device() if is_distributed() else "cpu"
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -162,4 +175,20 @@ class HAT(SupervisedTemplate):
     def __getstate__(self):
         # Avalanche's save_checkpoint pickles the strategy with dill: see .checkpoint.
         make_optimizers_picklable()
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # A DDP wrapper belongs to its process group: checkpoints hold the model itself, which loads
+        # in one process or in a distributed run (wrapped again when training starts).
+        state["model"] = unwrap_model(state["model"])
+        return state
+
+
+def _distributed_plugin(distributed) -> Optional[DistributedHATPlugin]:
+    if isinstance(distributed, DistributedHATPlugin):
+        return distributed
+    if distributed is None:
+        return DistributedHATPlugin()  # inert in a single process
+    if distributed is True:
+        return DistributedHATPlugin(required=True)
+    if distributed is False:
+        return None
+    raise TypeError(f"distributed must be None, True, False or a DistributedHATPlugin, got {distributed!r}")
