@@ -373,6 +373,8 @@ class DistributedHATPlugin(SupervisedPlugin, supports_distributed=True):
         self._epoch = 0
         self._sampler = None
         loader = strategy.dataloader
+        if type(loader) is TaskBalancedDataLoader and len(loader.datasets) > 1:
+            return  # several tasks at once (not HAT): Avalanche's own sharded, task-balanced loader
         if type(loader) not in (TaskBalancedDataLoader, DataLoader):
             warnings.warn(
                 f"{type(loader).__name__} was not made by Avalanche's make_train_dataloader: it is used "
