@@ -60,6 +60,33 @@ def final_accuracies(results: dict) -> dict:
     return {k: v for k, v in results.items() if k.startswith(("Top1_Acc_Exp/eval_phase", "Top1_Acc_Stream/eval_phase"))}
 
 
+def fingerprints(x: torch.Tensor) -> list[float]:
+    """One number per sample (its float64 sum): which samples a minibatch holds."""
+    return x.double().flatten(1).sum(1).tolist()
+
+
+class SampleRecorder:
+    """Records, per training epoch, the samples this rank's minibatches hold (before the forward)."""
+
+    def __new__(cls):
+        from avalanche.core import SupervisedPlugin
+
+        class Recorder(SupervisedPlugin, supports_distributed=True):
+            def __init__(self):
+                super().__init__()
+                self.epochs = []
+
+            def before_training_epoch(self, strategy, **kwargs):
+                self.epochs.append([])
+
+            def before_forward(self, strategy, **kwargs):
+                # fingerprints(), inline: checkpoints pickle this class by value (from torchrun's
+                # __main__), and a process that loads one has no such global.
+                self.epochs[-1] += strategy.mb_x.double().flatten(1).sum(1).tolist()
+
+        return Recorder()
+
+
 # ------------------------------------------------------------------------------ the worker
 def worker(out: Path, single_checkpoint: Path) -> None:
     """Run by torchrun on every rank."""
@@ -74,8 +101,9 @@ def worker(out: Path, single_checkpoint: Path) -> None:
 
     # From scratch, every rank starting from other weights: DDP must make them rank 0's.
     # (Avalanche refuses to create a logger on another rank.)
+    recorder = SampleRecorder()
     with open(out / "log_scratch.txt", "w") as log:
-        strategy = build_strategy(log if rank == 0 else None, seed=100 + rank)
+        strategy = build_strategy(log if rank == 0 else None, seed=100 + rank, plugins=[recorder])
         for experience in benchmark.train_stream:
             strategy.train(experience)
             results = strategy.eval(benchmark.test_stream)
@@ -88,6 +116,7 @@ def worker(out: Path, single_checkpoint: Path) -> None:
         "results": results,
         "train_metrics": {k: v for k, v in history.items() if k.startswith(("Loss_Epoch", "Top1_Acc_Epoch"))},
         "trained_tasks": strategy.trained_tasks,
+        "samples_per_epoch": recorder.epochs,
     }, out / f"scratch_rank{rank}.pt")
 
     # Resumed from a single-process checkpoint taken after task 0. Its logger appends to the single
@@ -147,6 +176,17 @@ def test_all_ranks_end_with_bit_identical_parameters_and_buffers(run, name):
     # masks, protection flags, every task's norm statistics and heads included:
     assert any(k.endswith("mask_embedding") for k in first) and any(k.endswith("hat_trained") for k in first)
     assert any(k.endswith("copies.2.running_mean") for k in first) and any("head.copies.2" in k for k in first)
+
+
+def test_each_epoch_the_ranks_split_the_experience_and_reshuffle_it(run):
+    benchmark = run["benchmark"]
+    per_task = [sorted(fingerprints(torch.stack([d[0] for d in e.dataset]))) for e in benchmark.train_stream]
+    epochs = [r["samples_per_epoch"] for r in run["ranks"]["scratch"]]
+    assert len(epochs[0]) == len(epochs[1]) == NUM_TASKS * 6  # 6 epochs per task
+    for index, (first, second) in enumerate(zip(*epochs)):
+        assert len(first) == len(second) == 16  # 32 samples, half each
+        assert sorted(first + second) == per_task[index // 6]  # together: the task's data, once
+    assert epochs[0][0] != epochs[0][1] and sorted(epochs[0][0]) != sorted(epochs[0][1])  # a new split
 
 
 @pytest.mark.parametrize("name", ["scratch", "resumed"])
