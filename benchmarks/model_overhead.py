@@ -2,7 +2,7 @@
 twin, same batch, same input, same optimizer, in one process.
 
 Usage:  python benchmarks/model_overhead.py [--models hat_resnet18s ...] [--reps 15] [--threads 1]
-        [--clock process|wall] [--no-reg] [--json out.json]
+        [--clock process|wall] [--no-reg] [--keep-freed-memory] [--json out.json]
 
 Each repetition times one HAT step and one plain step back to back (order alternating), so load
 from other processes hits both alike; the table shows the median of the per-repetition ratios and
@@ -124,6 +124,19 @@ def interleaved(hat_fn, plain_fn, reps: int, warmup: int):
     return statistics.median(hat_t) * 1e3, statistics.median(plain_t) * 1e3, ratio
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks up to 32 MiB in the heap (no dynamic mmap threshold, no trim),
+    as caching allocators (jemalloc, tcmalloc) do: steps stop paying page faults for fresh memory."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------------- memory
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -179,6 +192,8 @@ def main() -> None:
                         help="process: CPU time of this process (robust to other load with 1 thread); wall")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-reg", action="store_true", help="leave the HAT regulariser out of the HAT step")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory (as jemalloc/tcmalloc would): no page faults per step")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,11 +206,14 @@ def main() -> None:
         memory_child(rows)
         return
 
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc's mallopt")
     memory = {} if args.no_memory or args.no_reg else measure_memory(rows, args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} thread(s), {args.clock} clock, "
           f"load average {os.getloadavg()[0]:.1f}, {args.reps} interleaved "
           f"repetitions (median), HAT task 1 of 5 at mask scale {MASK_SCALE:g} with task 0 trained, "
-          f"{'with' if WITH_REG else 'WITHOUT'} the regulariser")
+          f"{'with' if WITH_REG else 'WITHOUT'} the regulariser"
+          f"{', allocator keeps freed memory' if args.keep_freed_memory else ''}")
     header = (f"| {'model':<26} | {'input':<13} | {'train ms HAT':>12} | {'plain':>8} | {'ratio':>6} "
               f"| {'infer ms HAT':>12} | {'plain':>8} | {'ratio':>6} | {'peak MB HAT':>11} | {'plain':>7} |")
     print(header)

@@ -60,7 +60,7 @@ class _MaskFoldedLinear(torch.autograd.Function):
         gw = g.t().mm(x.reshape(-1, x.shape[-1]).to(dtype)) if (need_w or need_m) else None  # dL/d(m W)
         gb = g.sum(0) if bias is not None and (need_b or need_m) else None
         if need_m:
-            grad_m = (gw * weight.to(dtype)).sum(1)
+            grad_m = torch.bmm(gw.unsqueeze(1), weight.to(dtype).unsqueeze(2)).flatten()  # row-wise dot, no temporary
             if gb is not None:
                 grad_m = grad_m + gb * bias.to(dtype)
             grad_m = grad_m.to(mask.dtype)
