@@ -21,6 +21,7 @@ This is the only part of avalanche_hat that imports Avalanche. Usage::
 Any other strategy gets HAT with ``plugins=[HATPlugin()]`` and a ``HATMultiTaskModel`` model.
 """
 from .checkpoint import make_optimizers_picklable, maybe_load_checkpoint, save_checkpoint
+from .class_incremental import HATClassIncrementalModel, evaluate_task_inference
 from .distributed import (
     DistributedHATPlugin, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed,
     is_main_process,
@@ -29,11 +30,13 @@ from .metrics import HATCapacityMetric, HATCSVLogger, capacity_metric_values, ha
 from .model import HATMultiTaskModel
 from .plugin import DEFAULT_REG_COEF, HATPlugin, check_optimizer
 from .strategy import HAT, as_hat_model, default_hat_evaluator
+from .task_inference import for_each_task
 
 __all__ = [
     "HAT", "HATPlugin", "HATMultiTaskModel", "HATCapacityMetric", "HATCSVLogger", "hat_capacity_metrics",
     "capacity_metric_values", "default_hat_evaluator", "as_hat_model", "check_optimizer",
     "save_checkpoint", "maybe_load_checkpoint", "make_optimizers_picklable", "DEFAULT_REG_COEF",
+    "HATClassIncrementalModel", "evaluate_task_inference", "for_each_task",
     "DistributedHATPlugin", "init_distributed", "destroy_distributed", "is_distributed", "is_main_process",
     "get_rank", "get_world_size",
 ]

@@ -4,16 +4,19 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from avalanche.benchmarks.scenarios.online import OnlineCLExperience
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from ..mechanism.schedules import MaskScaleSchedule, make_schedule
 from ..modules import HATModule, TaskIndexedLinear
 from ..network import clamp_embeddings_, hat_regularization, mark_task_trained, trained_tasks
 from .checkpoint import make_optimizers_picklable
+from .class_incremental import transformed_negatives
 from .model import network_hat_config
 
 #: Coefficient of the mask-usage penalty: ``c = 0.75`` of the original HAT paper.
@@ -71,7 +74,8 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     In the training loop it
 
     - checks that each experience is one task the model has not learned yet (HAT needs task ids:
-      a class-incremental stream, whose experiences all carry task label 0, is refused);
+      a class-incremental stream, whose experiences all carry task label 0, is refused unless the
+      model is a :class:`~avalanche_hat.training.HATClassIncrementalModel`, see below);
     - refuses weight decay (``check_optimizer``) and resets the optimizer state (momentum, Adam
       moments) at each experience, so that nothing moves weights whose gradient HAT zeroes;
     - sets the model's ``mask_scale`` every iteration from a schedule (HAT-CL's cosine by default,
@@ -80,6 +84,13 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     - adds ``reg_coef * hat_regularization(...)`` to the loss (``before_backward``);
     - marks the task trained at the end of the experience (``mark_task_trained``), which protects
       its units from then on.
+
+    Class-incremental mode (on when the model is a ``HATClassIncrementalModel``, or with
+    ``class_incremental=True``): experience ``i`` is HAT task ``i`` whatever its task label, its
+    classes are registered with the model, a ``calibration_fraction`` of its training data is held
+    out, each minibatch is extended with transformed negatives for the reject logit (with the
+    model's ``reject_head``; metrics and the cross entropy see the real samples only), and when the
+    task ends the model records its calibration statistics. Nothing of this runs otherwise.
 
     Args:
         reg_coef: coefficient of the mask-usage penalty (original HAT: 0.75).
@@ -99,6 +110,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         allow_task_revisit: train again on a task id that is already learned (it is then trained
             on its own units and what is free, every other task stays protected). Off by default,
             because a repeated task id usually means a class-incremental stream.
+        class_incremental: None (default) follows the model (a ``HATClassIncrementalModel`` is
+            trained class-incrementally, any other model task-incrementally); True or False insists
+            on one mode and refuses a model of the other.
     """
 
     def __init__(
@@ -112,6 +126,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         scale_unit: str | int = "epoch",
         weight_decay: float = 0.0,
         allow_task_revisit: bool = False,
+        class_incremental: bool | None = None,
     ) -> None:
         super().__init__()
         if not reg_coef >= 0:
@@ -136,12 +151,21 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         self.scale_unit = scale_unit
         self.weight_decay = float(weight_decay)
         self.allow_task_revisit = allow_task_revisit
+        if class_incremental not in (None, True, False):
+            raise ValueError(f"class_incremental must be None, True or False, got {class_incremental!r}")
+        self.class_incremental = class_incremental
         # Per-experience state, set in before_training_exp.
         self.task_id: int | None = None
         self._open_task: int | None = None  # started and not yet marked trained (online streams)
         self._sub_experiences = 0
         self._schedule: MaskScaleSchedule | None = None
         self._unit_batches = 1
+        # Class-incremental state: the mode of the experience, its held-out calibration data, the
+        # minibatch before negatives were added and the negatives' logits (one iteration).
+        self._class_incremental_exp = False
+        self._calibration_data = None
+        self._real_batch: list | None = None
+        self._negative_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------- experience
     def before_training_exp(self, strategy, **kwargs) -> None:
@@ -151,15 +175,23 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         the checks and the reset happen at its first sub-experience, the marking after its last."""
         model = check_hat_model(strategy.model)
         check_optimizer(strategy.optimizer)
-        starts_task = _starts_task(strategy.experience)
-        if starts_task and self._open_task is not None:
-            # The previous online task ended without a sub-experience flagged last.
-            mark_task_trained(model, self._open_task)
-            self._open_task = None
-        self.task_id = self._experience_task(strategy, model, starts_task)
-        if starts_task:
+        self._real_batch = self._negative_logits = None
+        self._class_incremental_exp = self._is_class_incremental(model)
+        if self._class_incremental_exp:
+            starts_task = True
+            self.task_id = self._class_incremental_task(strategy, model)
             self._sub_experiences = 0
-        self._open_task = self.task_id if _online_with_boundaries(strategy.experience) else None
+            self._open_task = None
+        else:
+            starts_task = _starts_task(strategy.experience)
+            if starts_task and self._open_task is not None:
+                # The previous online task ended without a sub-experience flagged last.
+                mark_task_trained(model, self._open_task)
+                self._open_task = None
+            self.task_id = self._experience_task(strategy, model, starts_task)
+            if starts_task:
+                self._sub_experiences = 0
+            self._open_task = self.task_id if _online_with_boundaries(strategy.experience) else None
         config = network_hat_config(model)
         max_scale = self.max_mask_scale if self.max_mask_scale is not None else config.max_mask_scale
         self._schedule = make_schedule(self.schedule, max_scale)
@@ -172,6 +204,70 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             self._unit_batches = int(self.scale_unit)
         if starts_task:
             strategy.optimizer.state = defaultdict(dict)
+        if self._class_incremental_exp:  # last: nothing above may fail after the model changed
+            model.register_task(self.task_id, strategy.experience.classes_in_this_experience)
+            model.train_task = self.task_id
+
+    def _is_class_incremental(self, model: nn.Module) -> bool:
+        """The mode for ``model``: its own (``model.class_incremental``) unless the plugin insists."""
+        model_mode = bool(getattr(model, "class_incremental", False))
+        if self.class_incremental is None or self.class_incremental == model_mode:
+            return model_mode
+        if self.class_incremental:
+            raise ValueError(
+                f"HATPlugin(class_incremental=True) needs a model that predicts the task at test time, not "
+                f"a {type(model).__name__}: use avalanche_hat.training.HATClassIncrementalModel(backbone, "
+                "num_classes=..., classes_per_task=...)"
+            )
+        raise ValueError(
+            f"HATPlugin(class_incremental=False) trains task-incrementally, but {type(model).__name__} is a "
+            "class-incremental model: use HATMultiTaskModel for task-incremental streams"
+        )
+
+    def _class_incremental_task(self, strategy, model: nn.Module) -> int:
+        """Class-incremental mode: the HAT task of the experience is its index in the stream."""
+        experience = strategy.experience
+        if isinstance(experience, OnlineCLExperience):
+            raise ValueError(
+                "class-incremental HAT trains one task per experience and calibrates it when the experience "
+                "ends: online streams (split_online_stream) are not supported in this mode"
+            )
+        task = model.check_task_label(experience.current_experience)
+        trained = trained_tasks(model)
+        if task in trained and not self.allow_task_revisit:
+            raise ValueError(
+                f"experience {task} is HAT task {task}, which this model has already learned (trained tasks: "
+                f"{trained}): a class-incremental stream is trained once, in order; pass "
+                "allow_task_revisit=True to train it again on purpose"
+            )
+        classes = sorted(int(c) for c in experience.classes_in_this_experience)
+        targets = getattr(getattr(strategy, "adapted_dataset", None), "targets", None)
+        extra = sorted(set(int(c) for c in getattr(targets, "uniques", classes)) - set(classes))
+        if extra:
+            raise ValueError(
+                f"experience {task} holds classes {classes} but its training data also has classes {extra} "
+                "(replay?): HAT learns one task per experience and keeps earlier tasks without replay"
+            )
+        return task
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        """Class-incremental mode: hold out ``calibration_fraction`` of the experience's training data
+        (a seeded draw per experience), to calibrate the task's scores when it ends."""
+        self._calibration_data = None
+        model = unwrap_model(strategy.model)
+        if not self._is_class_incremental(model) or isinstance(strategy.experience, OnlineCLExperience):
+            return
+        data = strategy.adapted_dataset
+        held = int(round(model.calibration_fraction * len(data)))
+        if held == 0:
+            return
+        if held >= len(data):
+            raise ValueError(f"experience {strategy.experience.current_experience} has {len(data)} samples: too "
+                             f"few to hold out calibration_fraction={model.calibration_fraction}")
+        seed = torch.Generator().manual_seed(strategy.experience.current_experience)
+        order = torch.randperm(len(data), generator=seed)
+        self._calibration_data = data.subset(order[:held].sort().values.tolist())
+        strategy.adapted_dataset = data.subset(order[held:].sort().values.tolist())
 
     def _experience_task(self, strategy, model: nn.Module, starts_task: bool) -> int:
         experience = strategy.experience
@@ -210,7 +306,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
                 + (f"which this HAT model has already learned (trained tasks: {trained}). " if task in trained
                    else "like every other experience of its stream. ")
                 + "HAT needs task ids: a class-incremental stream gives every experience task label 0. "
-                "Use a task-incremental benchmark (e.g. SplitCIFAR10(..., return_task_id=True)), or "
+                "Use a task-incremental benchmark (e.g. SplitCIFAR10(..., return_task_id=True)), "
+                "learn the stream class-incrementally with task-id prediction at test time "
+                "(avalanche_hat.training.HATClassIncrementalModel), or "
                 f"pass allow_task_revisit=True to train task {task} again on purpose"
             )
         return task
@@ -223,6 +321,23 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             mark_task_trained(model, self.task_id)
             self._open_task = None
         model.mask_scale = None
+        if self._class_incremental_exp:
+            self._record_task_statistics(strategy, model)
+
+    def _record_task_statistics(self, strategy, model: nn.Module) -> None:
+        """Class-incremental mode: the task's feature statistics from its training data and its score
+        statistics from the held-out part (binary masks, eval transforms)."""
+        model.train_task = None
+
+        def loader(data):
+            data = data.eval()
+            return DataLoader(data, batch_size=strategy.eval_mb_size, shuffle=False,
+                              collate_fn=getattr(data, "collate_fn", None))
+
+        calibration = self._calibration_data
+        model.record_task_statistics(self.task_id, loader(strategy.adapted_dataset),
+                                     None if calibration is None else loader(calibration))
+        self._calibration_data = None
 
     def _ends_task(self, experience) -> bool:
         """True unless ``experience`` is a sub-experience of an online stream with task boundaries
@@ -239,8 +354,34 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         batch = clock.train_epoch_iterations if self.scale_unit == "epoch" else clock.train_exp_iterations
         unwrap_model(strategy.model).mask_scale = self._schedule.at(batch, self._unit_batches)
 
+    def before_forward(self, strategy, **kwargs) -> None:
+        """Class-incremental mode with a reject head: append one transformed negative per sample,
+        labelled with the reject output (index ``num_classes``)."""
+        model = unwrap_model(strategy.model)
+        if not (self._class_incremental_exp and model.reject_head and model.reject_coef > 0):
+            return
+        batch = list(strategy.mbatch)
+        x, y = batch[0], batch[1]
+        reject = torch.full_like(y, model.num_classes)
+        strategy.mbatch = [torch.cat([x, transformed_negatives(x, model.negatives)]), torch.cat([y, reject]),
+                           *(torch.cat([b, b]) for b in batch[2:])]
+        self._real_batch = batch
+
+    def after_forward(self, strategy, **kwargs) -> None:
+        """Split the negatives' logits off: the criterion and the metrics see the real minibatch."""
+        if self._real_batch is None:
+            return
+        n = len(self._real_batch[0])
+        self._negative_logits = strategy.mb_output[n:]
+        strategy.mb_output = strategy.mb_output[:n]
+        strategy.mbatch, self._real_batch = self._real_batch, None
+
     def before_backward(self, strategy, **kwargs) -> None:
         model = unwrap_model(strategy.model)
+        if self._negative_logits is not None:
+            negatives, self._negative_logits = self._negative_logits, None
+            target = torch.full((len(negatives),), model.num_classes, dtype=torch.long, device=negatives.device)
+            strategy.loss += model.reject_coef * F.cross_entropy(negatives, target)
         scale = model.mask_scale
         if self.reg_coef:
             penalty = hat_regularization(model, self.task_id, scale, kind=self.regularization, quota=self.quota)
