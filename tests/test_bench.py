@@ -303,3 +303,14 @@ def test_si_fix_gives_nonzero_importances_where_avalanche_gives_none():
         importances[name] = max(float(v.data.abs().max()) for v in plugin.ewc_data[1].values())
     assert importances["avalanche"] == 0.0
     assert importances["fixed"] > 0.0
+
+
+def test_table_tells_exact_zero_from_rounded_zero():
+    from avalanche_hat.bench.report import _fmt
+
+    assert _fmt([0.0, 0.0], signed=True, exact_zero=True) == "0.00 ± 0.00"
+    assert _fmt([-1e-5], signed=True, exact_zero=True) == "-0.00"
+    assert _fmt([1e-5], exact_zero=True) == "+0.00"
+    assert _fmt([-0.0596], signed=True, exact_zero=True) == "-5.96"
+    assert _fmt([1e-5], scale=1.0, digits=1) == "0.0"
+    assert _fmt([float("nan")]) == "n/a"

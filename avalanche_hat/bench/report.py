@@ -48,16 +48,22 @@ def aggregate(results: list[MethodResult]) -> list[Row]:
     return sorted(rows.values(), key=lambda row: -_mean_std(row.acc)[0])
 
 
-def _fmt(values: list[float], scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 2, signed: bool = False,
+         exact_zero: bool = False) -> str:
+    """Mean (± std over seeds). With ``exact_zero``, only an exact 0 prints as 0.00; a non-zero
+    value that rounds to zero keeps its sign (-0.00, +0.00), so zero forgetting can be told from
+    small forgetting."""
     mean, std = _mean_std(values)
     if math.isnan(mean):
         return "n/a"
-    # An exact zero prints as 0.00; a non-zero value that rounds to zero keeps its sign (-0.00, +0.00),
-    # so exact zero forgetting can be told from small forgetting.
+    rounds_to_zero = abs(scale * mean) < 0.5 * 10 ** -digits
     if mean == 0.0:
         text = f"{0:.{digits}f}"
     else:
-        text = f"{scale * mean:{'+' if signed or abs(scale * mean) < 0.5 * 10 ** -digits else ''}.{digits}f}"
+        sign = "+" if signed or (exact_zero and rounds_to_zero) else ""
+        text = f"{scale * mean:{sign}.{digits}f}"
+        if rounds_to_zero and not exact_zero:
+            text = f"{0:.{digits}f}"
     if len(values) > 1:
         text += f" ± {scale * std:.{digits}f}"
     return text
@@ -67,8 +73,8 @@ def format_row(row: Row) -> list[str]:
     return [
         row.method,
         _fmt(row.acc),
-        _fmt(row.bwt, signed=True),
-        _fmt(row.forgetting),
+        _fmt(row.bwt, signed=True, exact_zero=True),
+        _fmt(row.forgetting, exact_zero=True),
         _fmt(row.train_seconds, scale=1.0, digits=1),
         f"{row.parameters:,}",
         _fmt(row.peak_memory_mb, scale=1.0, digits=1),
@@ -134,7 +140,8 @@ def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[Metho
           "ACC: mean final accuracy over tasks. BWT: mean over tasks 0..T-2 of (final accuracy - accuracy "
           "right after learning the task). Forgetting: mean over tasks 0..T-2 of (best accuracy before the "
           "last task - final accuracy). JointTraining learns all tasks at once: BWT and forgetting do not "
-          f"apply. Peak memory: {results[0].memory_kind if results else ''}. "
+          "apply. In the BWT and forgetting columns only an exact 0 prints as 0.00; a value that merely rounds "
+          f"to 0 keeps its sign (-0.00, +0.00). Peak memory: {results[0].memory_kind if results else ''}. "
           f"Seeds: {config.get('seeds')}; ± is the standard deviation over seeds.", ""]
     md += ["## Accuracy matrices (first seed)", ""]
     first_seed = results[0].seed if results else None
