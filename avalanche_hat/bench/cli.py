@@ -233,7 +233,7 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
     return 0
 
 
-def publish(out: Path, stem: str, results, config: dict, plots: bool = True) -> dict:
+def publish(out: Path, stem: str, results, config: dict, plots: bool = True, env: dict | None = None) -> dict:
     """Write the tables (Markdown, CSV, JSON) and figures of a leaderboard and print it."""
     from .forgetting import ForgettingResult
     from .report import aggregate, text_table, write_outputs
@@ -252,7 +252,7 @@ def publish(out: Path, stem: str, results, config: dict, plots: bool = True) -> 
         extra += [f"## HAT capacity per task (seed {hat_result.seed})", "", hat_result.capacity["table"], ""]
     if skipped:
         extra += ["## Skipped", "", *(f"- {m}: {why}" for m, why in skipped.items()), ""]
-    paths = write_outputs(out, stem, rows, results, config, "\n".join(extra))
+    paths = write_outputs(out, stem, rows, results, config, "\n".join(extra), env=env)
     if plots:
         from . import plots as figures
 
@@ -285,7 +285,7 @@ def _rerender(path: Path, out: Path | None, stem: str | None, plots: bool) -> in
     results = [MethodResult.from_dict(run) for run in data["runs"]]
     out = Path(out) if out is not None else Path(path).parent
     stem = stem or Path(path).stem
-    paths = publish(out, stem, results, data["config"], plots=plots)
+    paths = publish(out, stem, results, data["config"], plots=plots, env=data.get("environment"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

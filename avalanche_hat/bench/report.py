@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,13 +126,15 @@ def environment() -> dict:
     return {
         "avalanche_hat": avalanche_hat.__version__, "avalanche_lib": avalanche_version, "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
-        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
 def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[MethodResult], config: dict,
-                  extra_markdown: str = "") -> dict[str, Path]:
-    """``<stem>.md``, ``<stem>.csv``, ``<stem>.json`` in ``out_dir``; returns their paths."""
+                  extra_markdown: str = "", env: dict | None = None) -> dict[str, Path]:
+    """``<stem>.md``, ``<stem>.csv``, ``<stem>.json`` in ``out_dir``; returns their paths. ``env``: the
+    versions and machine of the run (default: this process's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{stem}.{k}" for k in ("md", "csv", "json")}
 
@@ -165,7 +168,7 @@ def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[Metho
 
     payload = {
         "config": config,
-        "environment": environment(),
+        "environment": env or environment(),
         "leaderboard": [
             {"method": row.method, "seeds": row.seeds,
              **{f"{k}_mean": _mean_std(getattr(row, k))[0] for k in ("acc", "bwt", "forgetting", "train_seconds",
