@@ -93,8 +93,16 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            import psutil
+            try:
+                import psutil
+            except ImportError:  # no sampler: the process's peak so far (it never goes down)
+                import resource
 
+                self.kind = "CPU peak RSS increase (ru_maxrss; psutil not installed)"
+                self._maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                self._base = self._maxrss()
+                return self
+            self._maxrss = None
             self._proc = psutil.Process(os.getpid())
             self._base = self._proc.memory_info().rss
             self._max = self._base
@@ -109,6 +117,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             self.peak_bytes = torch.cuda.max_memory_allocated()
+        elif self._maxrss is not None:
+            self.peak_bytes = self._maxrss() - self._base
         else:
             self._stop.set()
             self._thread.join()
