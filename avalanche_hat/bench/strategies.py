@@ -9,7 +9,7 @@ hyper-parameters, listed in :class:`HyperParameters` with how each value was cho
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -58,14 +58,6 @@ class HyperParameters:
     hat_max_mask_scale: float = 400.0  # s_max, original HAT
     hat_schedule: str = "cosine"  # HAT-CL Eq. 6
     hat_scale_unit: str = "epoch"  # one period of the mask-scale schedule: "epoch" or "experience"
-    extra: dict = field(default_factory=dict)
-
-    def for_method(self, method: str) -> dict:
-        """The hyper-parameters that ``method`` uses (for the report)."""
-        d = asdict(self)
-        prefix = {"EWC": "ewc_", "SI": "si_", "LwF": "lwf_", "Replay": "replay_", "PackNet": "packnet_",
-                  "HAT": "hat_"}.get(method)
-        return {k: v for k, v in d.items() if prefix and k.startswith(prefix)}
 
 
 # ----------------------------------------------------------------------------- shared pieces
