@@ -310,3 +310,15 @@ def test_table_tells_exact_zero_from_rounded_zero():
     assert _fmt([-0.0596], signed=True, exact_zero=True) == "-5.96"
     assert _fmt([1e-5], scale=1.0, digits=1) == "0.0"
     assert _fmt([float("nan")]) == "n/a"
+
+
+def test_cifar_without_data_or_network_gives_a_clear_error(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(DataNotFound, match="--data-root"):
+        make_benchmark("cifar10", data_root=tmp_path)
+    assert cli.main(["--benchmark", "cifar10", "--data-root", str(tmp_path), "--no-progress"]) == 2

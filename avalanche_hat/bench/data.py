@@ -180,7 +180,17 @@ def load_cifar(num_classes: int, data_root=None):
 
     getter, mean, std = ((get_cifar10_dataset, CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10
                          else (get_cifar100_dataset, CIFAR100_MEAN, CIFAR100_STD))
-    train, test = getter(data_root)
+    try:
+        train, test = getter(data_root)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
+        name = "CIFAR-10" if num_classes == 10 else "CIFAR-100"
+        folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+        where = data_root if data_root is not None else "Avalanche's default data folder (~/.avalanche/data)"
+        raise DataNotFound(
+            f"{name} could not be loaded or downloaded to {where} ({type(err).__name__}: {err}). With "
+            f"internet access the first run downloads it; offline, pass --data-root FOLDER holding "
+            f"torchvision's {folder}/ (or its .tar.gz)."
+        ) from err
     return _torchvision_to_tensor(train, mean, std), _torchvision_to_tensor(test, mean, std), str(train.root)
 
 
