@@ -225,7 +225,8 @@ class HATPayload:
                         return j, span
                     if m < len(old):
                         span *= old[m]
-                return None, 1
+                if size != 1:  # a size-1 axis (a batch of one) leaves the prefix as it is
+                    return None, 1
             prefix *= size
             if prefix > before:
                 return None, 1

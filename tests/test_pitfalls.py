@@ -56,6 +56,15 @@ def test_shape_operations_keep_the_mask_on_the_right_axis(op):
     torch.testing.assert_close(op(p).data, expected.data, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_unit_ownership_survives_reshapes_at_any_batch_size(batch):
+    owned = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    p = HATPayload(torch.randn(batch, 4, 2, 2), task_id=0, mask=torch.ones(4), mask_dim=1, ownership=owned)
+    assert p.flatten(2).mask_dim == 1 and torch.equal(p.flatten(2).ownership, owned)
+    flat = p.flatten(1)
+    assert flat.mask_dim == 1 and torch.equal(flat.ownership, owned.repeat_interleave(4))
+
+
 def test_masks_follow_load_state_dict_and_dtype_changes():
     a, b = HATLinear(4, 6, CFG), HATLinear(4, 6, CFG)
     with torch.no_grad():

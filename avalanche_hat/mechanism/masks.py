@@ -75,22 +75,32 @@ def scale_grad(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _ScaleGrad.apply(tensor, factor)
 
 
-class _NullifiedLinear(torch.autograd.Function):
-    """``F.linear`` whose weight and bias gradients are multiplied by Eq. 2's factors.
+def nullify_linear_grad_(grad_w: torch.Tensor, out_owned: torch.Tensor, in_owned: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 2 on a linear weight gradient ``(out, in)``, in place, with no weight-sized temporary
+    in floating point: rows of owned outputs are zeroed where their input is owned too (all of
+    the row when the input ownership is unknown)."""
+    if in_owned is None:
+        return grad_w.mul_((1.0 - out_owned).to(grad_w.dtype).unsqueeze(1))
+    return grad_w.masked_fill_((out_owned > 0).unsqueeze(1) & (in_owned > 0).unsqueeze(0), 0.0)
 
-    It computes the weight gradient itself and scales it in place (a buffer it owns), so training
-    costs no weight-sized temporary; the input gradient is untouched.
+
+class _NullifiedLinear(torch.autograd.Function):
+    """``F.linear`` whose weight and bias gradients follow Eq. 2.
+
+    It computes the weight gradient itself and nullifies it in place (a buffer it owns), and keeps
+    only the two ownership vectors from forward to backward: training costs no weight-sized
+    temporary; the input gradient is untouched.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_factor, bias_factor):
-        ctx.save_for_backward(x, weight, weight_factor, bias_factor)
+    def forward(ctx, x, weight, bias, out_owned, in_owned):
+        ctx.save_for_backward(x, weight, out_owned, in_owned)
         ctx.has_bias = bias is not None
         return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, weight_factor, bias_factor = ctx.saved_tensors
+        x, weight, out_owned, in_owned = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         dtype = grad.dtype  # under autocast the saved tensors may be in another precision
         if ctx.needs_input_grad[0]:
@@ -98,15 +108,16 @@ class _NullifiedLinear(torch.autograd.Function):
         grad2d = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = grad2d.t().mm(x.reshape(-1, x.shape[-1]).to(dtype))
-            grad_w = grad_w.mul_(weight_factor.to(dtype)).to(weight.dtype)
+            grad_w = nullify_linear_grad_(grad_w, out_owned, in_owned).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad2d.sum(0).mul_(bias_factor.to(dtype)).to(bias_factor.dtype)
+            grad_b = grad2d.sum(0).mul_((1.0 - out_owned).to(dtype)).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
-def nullified_linear(x, weight, bias, weight_factor, bias_factor):
-    """``F.linear(x, weight, bias)`` with Eq. 2 applied to the weight and bias gradients."""
-    return _NullifiedLinear.apply(x, weight, bias, weight_factor, bias_factor)
+def nullified_linear(x, weight, bias, out_owned, in_owned):
+    """``F.linear(x, weight, bias)`` with Eq. 2 applied to the weight and bias gradients, given the
+    0/1 ownership of the output units and of the inputs (``None``: unknown, all count as owned)."""
+    return _NullifiedLinear.apply(x, weight, bias, out_owned, in_owned)
 
 
 def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None) -> torch.Tensor:

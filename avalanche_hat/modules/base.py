@@ -79,8 +79,9 @@ class HATModule(nn.Module):
     def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1, nullified=None) -> HATPayload:
         """Shared forward: checks, Eq. 2 on weight and bias, the layer itself, the pending mask.
 
-        ``compute(x, weight, bias)`` is the plain layer; ``nullified(x, weight, bias, weight_factor,
-        bias_factor)``, if given, is a fused version applying Eq. 2 in its own backward."""
+        ``compute(x, weight, bias)`` is the plain layer; ``nullified(x, weight, bias, out_owned,
+        in_owned)``, if given, is a fused version applying Eq. 2 in its own backward from the 0/1
+        ownership of the output units and of the inputs (``None``: unknown)."""
         payload = as_payload(self, payload)
         task_id, scale = payload.task_id, payload.mask_scale
         self.hat_config.check_task_id(task_id)
@@ -109,11 +110,10 @@ class HATModule(nn.Module):
             in_owned = payload.ownership
             if in_owned is not None and (payload.mask_dim != in_axis % x.ndim or in_owned.numel() != in_units):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
-            weight_factor = nullification_factor(owned, in_owned, weight.ndim, groups)
             if nullified is not None:
-                out = nullified(x, weight, bias, weight_factor, 1.0 - owned)
+                out = nullified(x, weight, bias, owned, in_owned)
             else:
-                weight = scale_grad(weight, weight_factor)
+                weight = scale_grad(weight, nullification_factor(owned, in_owned, weight.ndim, groups))
                 if bias is not None:
                     bias = scale_grad(bias, 1.0 - owned)
                 out = compute(x, weight, bias)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import HATConfig
 from ..modules import HATConv2d, HATLinear, TaskIndexedLayerNorm, TaskIndexedParameter
+from ..mechanism.masks import nullify_linear_grad_
 from ..modules.base import as_payload
 from ..payload import HATPayload
 from ._base import HATNetwork, pair
@@ -43,13 +44,13 @@ class _MaskFoldedLinear(torch.autograd.Function):
     uses the full ``dL/d(m W)`` (before Eq. 2), as when the mask multiplies the output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, weight_factor, bias_factor):
-        ctx.save_for_backward(x, weight, bias, mask, weight_factor, bias_factor)
+    def forward(ctx, x, weight, bias, mask, out_owned, in_owned):
+        ctx.save_for_backward(x, weight, bias, mask, out_owned, in_owned)
         return F.linear(x, weight * mask.unsqueeze(1), None if bias is None else bias * mask)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, mask, weight_factor, bias_factor = ctx.saved_tensors
+        x, weight, bias, mask, out_owned, in_owned = ctx.saved_tensors
         dtype = grad.dtype  # under autocast the saved tensors may be in another precision
         col = mask.to(dtype).unsqueeze(1)
         grad_x = grad_w = grad_b = grad_m = None
@@ -65,9 +66,9 @@ class _MaskFoldedLinear(torch.autograd.Function):
                 grad_m = grad_m + gb * bias.to(dtype)
             grad_m = grad_m.to(mask.dtype)
         if need_w:
-            grad_w = gw.mul_(col * weight_factor.to(dtype).view(col.shape[0], -1)).to(weight.dtype)
+            grad_w = nullify_linear_grad_(gw.mul_(col), out_owned, in_owned).to(weight.dtype)
         if bias is not None and need_b:
-            grad_b = (gb * mask.to(dtype) * bias_factor.to(dtype)).to(bias.dtype)
+            grad_b = (gb * mask.to(dtype) * (1.0 - out_owned).to(dtype)).to(bias.dtype)
         return grad_x, grad_w, grad_b, grad_m, None, None
 
 
@@ -101,9 +102,9 @@ class HATTokenLinear(HATLinear):
             m = self.mask(task_id, scale)
             return F.linear(x, weight * m.unsqueeze(1), None if bias is None else bias * m)
 
-        def folded_nullified(x, weight, bias, weight_factor, bias_factor):
+        def folded_nullified(x, weight, bias, out_owned, in_owned):
             m = self.mask(task_id, scale)  # here, after the layer clamped its embeddings in place
-            return _MaskFoldedLinear.apply(x, weight, bias, m, weight_factor, bias_factor)
+            return _MaskFoldedLinear.apply(x, weight, bias, m, out_owned, in_owned)
 
         if not (self.training and torch.is_grad_enabled()):  # inference: no gradient to nullify
             x = payload.data
