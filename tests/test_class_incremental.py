@@ -347,3 +347,32 @@ def test_every_score_is_available_and_finite(cil_run):
         scores = model.task_scores(features, logits, model.inference_tasks())
     assert set(scores) == set(SCORES)
     assert all(s.shape == (3, len(x)) and bool(torch.isfinite(s).all()) for s in scores.values())
+
+
+def test_mahalanobis_on_the_active_features_is_the_full_regularised_quadratic_form(cil_run):
+    """The score skips the features a task never sets (masked or dead units) and adds their
+    ``|f|^2 / ridge``: the same as ``(f - mu)^T (S + ridge I)^-1 (f - mu)`` over all features."""
+    benchmark, _, trained, _, _, _ = cil_run
+    model = copy.deepcopy(trained)
+    model.eval()
+    task = 1
+    data = benchmark.train_stream[task].dataset.eval()
+    model.record_task_statistics(task, DataLoader(data, batch_size=64))
+    x, y = stacked(benchmark.train_stream[task])
+    with torch.no_grad():
+        f = model.task_outputs(x, task)[0].double()
+    classes = model.classes_of(task)
+    means = torch.stack([f[y == c].mean(0) for c in classes])
+    centred = f - means[torch.tensor([classes.index(int(c)) for c in y])]
+    covariance = centred.T @ centred / len(f)
+    ridge = model.covariance_shrinkage * covariance.diagonal().mean()
+    precision = torch.linalg.inv(covariance + ridge * torch.eye(len(covariance), dtype=torch.float64))
+    assert not bool(model.feature_active[task].all())  # some features are off for this task
+    probe = torch.cat([stacked(e)[0] for e in benchmark.test_stream])
+    with torch.no_grad():
+        features, logits = model.all_task_outputs(probe, [task])
+        features = features + torch.rand(features.shape, generator=torch.Generator().manual_seed(0))  # all set
+        score = model.task_scores(features, logits, [task], ["mahalanobis"])["mahalanobis"][0].double()
+    d = features[0].double().unsqueeze(1) - means.unsqueeze(0)
+    expected = -torch.einsum("bkf,fg,bkg->bk", d, precision, d).min(1).values
+    assert torch.allclose(score, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().mean()))

@@ -233,6 +233,10 @@ class HATClassIncrementalModel(MultiTaskModule):
         if self.feature_statistics:
             self.register_buffer("feature_mean", torch.zeros(num_tasks, classes_per_task, num_features, **factory))
             self.register_buffer("feature_precision", torch.zeros(num_tasks, num_features, num_features, **factory))
+            # Features a task ever sets (the others are 0 on all of its data: masked or dead units)
+            # and the ridge added to its covariance; see _mahalanobis.
+            self.register_buffer("feature_active", torch.zeros(num_tasks, num_features, dtype=torch.bool, **factory))
+            self.register_buffer("feature_ridge", torch.ones(num_tasks, **factory))
 
     # --------------------------------------------------------------------------- tasks
     @property
@@ -387,14 +391,30 @@ class HATClassIncrementalModel(MultiTaskModule):
         return out
 
     def _mahalanobis(self, features: torch.Tensor, tasks: Sequence[int], valid: torch.Tensor) -> torch.Tensor:
-        """Smallest squared Mahalanobis distance ``(f - mu_c)^T P (f - mu_c)`` over the task's classes,
-        expanded as ``f^T P f - 2 f^T P mu_c + mu_c^T P mu_c`` (one ``F x F`` product per sample)."""
+        """Smallest squared Mahalanobis distance ``(f - mu_c)^T P (f - mu_c)`` over the task's classes.
+
+        A feature that is 0 on all of a task's training data (a unit its masks switch off, or a
+        dead one) has mean 0 and no covariance with the others, so ``P`` is block diagonal: the
+        active block ``P_A`` and ``1 / ridge`` on the rest. The distance is computed that way,
+        exactly: ``(f_A - mu_A)^T P_A (f_A - mu_A)`` over the active features (HAT's tasks use a
+        fraction of the units, so this is a fraction of an ``F x F`` product), expanded as
+        ``f^T P f - 2 f^T P mu_c + mu_c^T P mu_c``, plus ``|f_rest|^2 / ridge``."""
         index = list(tasks)
-        mean, precision = self.feature_mean[index], self.feature_precision[index]  # (T,K,F), (T,F,F)
-        pf = features @ precision  # (T, B, F); P is symmetric
-        distance = ((pf * features).sum(-1, keepdim=True) - 2 * pf @ mean.transpose(1, 2)
+        active = self.feature_active[index]  # (T, F)
+        width = max(int(active.sum(1).max()), 1)
+        order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :width]  # active units first
+        t, b, f = features.shape
+        k = self.classes_per_task
+        x = features.gather(2, order.unsqueeze(1).expand(t, b, width))
+        mean = self.feature_mean[index].float().gather(2, order.unsqueeze(1).expand(t, k, width))
+        precision = self.feature_precision[index].float()
+        precision = precision.gather(1, order.unsqueeze(2).expand(t, width, f)).gather(
+            2, order.unsqueeze(1).expand(t, width, width))  # (T, A, A); 0 where a padded unit is inactive
+        px = x @ precision  # (T, B, A); P is symmetric
+        distance = ((px * x).sum(-1, keepdim=True) - 2 * px @ mean.transpose(1, 2)
                     + ((mean @ precision) * mean).sum(-1).unsqueeze(1))  # (T, B, K)
-        return distance.clamp_min(0).masked_fill(~valid, math.inf).min(-1).values
+        rest = (features.square() * (~active).unsqueeze(1)).sum(-1) / self.feature_ridge[index].float().unsqueeze(1)
+        return (distance.clamp_min(0) + rest.unsqueeze(-1)).masked_fill(~valid, math.inf).min(-1).values
 
     def calibrate(self, scores: torch.Tensor, tasks: Sequence[int], method: str) -> torch.Tensor:
         """``(s_t - mean_t) / std_t`` with each task's statistics from its held-out data (tasks not
@@ -485,6 +505,7 @@ class HATClassIncrementalModel(MultiTaskModule):
         sums = torch.zeros(self.classes_per_task, f, dtype=torch.float64, device=device)
         counts = torch.zeros(self.classes_per_task, dtype=torch.float64, device=device)
         scatter = torch.zeros(f, f, dtype=torch.float64, device=device)
+        active = torch.zeros(f, dtype=torch.bool, device=device)
         for batch in batches:
             x, y = batch[0].to(device), torch.as_tensor(batch[1], device=device)
             ids = local[y]
@@ -495,15 +516,21 @@ class HATClassIncrementalModel(MultiTaskModule):
             sums.index_add_(0, ids, features)
             counts += torch.bincount(ids, minlength=self.classes_per_task).double()
             scatter += features.T @ features
+            active |= (features != 0).any(0)
         n = counts.sum()
         if n < 2:
             raise ValueError(f"task {task} needs at least 2 samples to estimate its feature covariance")
         means = sums / counts.clamp_min(1).unsqueeze(1)
         covariance = (scatter - (means.T * counts) @ means) / n  # within-class scatter / n
         ridge = self.covariance_shrinkage * covariance.diagonal().mean().clamp_min(1e-12)
-        precision = torch.linalg.inv(covariance + ridge * torch.eye(f, dtype=torch.float64, device=device))
+        on = active.nonzero().flatten()
+        block = covariance[on][:, on] + ridge * torch.eye(len(on), dtype=torch.float64, device=device)
+        precision = torch.zeros(f, f, dtype=torch.float64, device=device)
+        precision[on.unsqueeze(1), on] = torch.linalg.inv(block)
         self.feature_mean[task] = means.to(self.feature_mean.dtype)
         self.feature_precision[task] = (0.5 * (precision + precision.T)).to(self.feature_precision.dtype)
+        self.feature_active[task] = active
+        self.feature_ridge[task] = ridge.to(self.feature_ridge.dtype)
 
     def extra_repr(self) -> str:
         return (f"num_tasks={self.hat_config.num_tasks}, num_classes={self.num_classes}, "
