@@ -3,7 +3,10 @@
 The HAT side runs the full training path of a second task: a soft mask at a mid-range scale, the
 compensated embedding gradient, the ownership of the first task and Eq. 2 on the weights.
 
-    python benchmarks/layer_overhead.py [--rounds 15] [--device cpu]
+    python benchmarks/layer_overhead.py [--rounds 15] [--device cpu] [--threads 1] [--clock process]
+
+On a CPU shared with other jobs, time one thread by the CPU time of this process (the default):
+with several threads OpenMP waits for busy cores and small operations look many times slower.
 """
 from __future__ import annotations
 
@@ -51,15 +54,15 @@ def cases(cfg: HATConfig, device):
     return [linear(), conv_bn(), conv_relu(), linear_ln()]
 
 
-def time_steps(fn, steps: int, device) -> float:
+def time_steps(fn, steps: int, device, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 def main(argv=None) -> None:
@@ -67,11 +70,17 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--clock", choices=("process", "wall"), default="process")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "process" and device.type == "cpu" else time.perf_counter
     torch.manual_seed(0)
     cfg = HATConfig(num_tasks=2)
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"{'process' if clock is time.process_time else 'wall'} clock, median of {args.rounds} interleaved rounds")
     print(f"{'case':<55} {'plain ms':>9} {'HAT ms':>9} {'ratio':>7}")
     for name, plain, hat, x, run_plain, run_hat in cases(cfg, device):
         plain.to(device).train()
@@ -93,8 +102,8 @@ def main(argv=None) -> None:
             step_plain(), step_hat()
         ratios, tp, th = [], [], []
         for _ in range(args.rounds):
-            a = time_steps(step_plain, args.steps, device)
-            b = time_steps(step_hat, args.steps, device)
+            a = time_steps(step_plain, args.steps, device, clock)
+            b = time_steps(step_hat, args.steps, device, clock)
             tp.append(a), th.append(b), ratios.append(b / a)
         print(f"{name:<55} {1e3 * statistics.median(tp):9.2f} {1e3 * statistics.median(th):9.2f} "
               f"{statistics.median(ratios):7.3f}")
