@@ -5,6 +5,10 @@ With no arguments: Split Fashion-MNIST (5 tasks of 2 classes, real data from Deb
 ``dataset-fashion-mnist`` or ``--data-root``), all 8 methods, one seed, on the CPU; results in
 ``./leaderboard-results``. ``--tune`` picks EWC's, SI's, LwF's and HAT's coefficients on a 10%
 holdout of the training data instead (never the test set).
+
+Under ``torchrun --nproc_per_node=N`` HAT trains data-parallel (DDP; ``--device cuda``: NCCL, one GPU
+per process; ``--device cpu``: Gloo), ``--batch-size`` per process; only rank 0 prints and writes
+files. The other methods are reported as skipped: Avalanche 0.6.0 never wraps them in DDP.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 DEFAULT_OUT = "leaderboard-results"
+
+NOT_DISTRIBUTED = ("not run under torchrun: Avalanche 0.6.0 never wraps its strategies in DistributedDataParallel, "
+                   "so each process would train its own model; run it in one process")
 
 # The default budget, chosen so that all 8 methods finish within 15 minutes on 2 CPU cores.
 DEFAULTS = {"epochs": 3, "batch_size": 64, "lr": 0.01, "optimizer": "sgd", "network": "mlp"}
@@ -154,6 +161,13 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    skipped = {}
+    if _under_torchrun():
+        error = _start_distributed(args)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        skipped = {m: NOT_DISTRIBUTED for m in methods if m != "HAT"}
     if "PackNet" in methods and args.epochs < 2:
         print("error: PackNet prunes after the first epochs and fine-tunes after: use --epochs >= 2 "
               "or leave PackNet out (--methods ...)", file=sys.stderr)
@@ -169,29 +183,85 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     stem = args.name or args.benchmark
-    if args.tune:
-        return _tune(args, argv, spec, methods, out, stem)
-    return _leaderboard(args, argv, spec, methods, out, stem)
+    from avalanche_hat.training import destroy_distributed
+
+    try:
+        if args.tune:
+            return _tune(args, argv, spec, [m for m in methods if m not in skipped], out, stem)
+        return _leaderboard(args, argv, spec, methods, out, stem, skipped)
+    finally:
+        destroy_distributed()  # no-op in one process
 
 
-def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
+def _under_torchrun() -> bool:
+    """torchrun sets LOCAL_RANK (and RANK, WORLD_SIZE, ...) for every process it starts."""
+    import os
+
+    return "LOCAL_RANK" in os.environ
+
+
+def _start_distributed(args) -> str | None:
+    """Join torchrun's process group (NCCL with ``--device cuda``: ``cuda:LOCAL_RANK``; Gloo with
+    ``--device cpu``); other ranks than 0 print nothing. Returns an error message or None."""
+    import os
+
     import torch
+
+    from avalanche_hat.training import init_distributed, is_main_process
+
+    if args.device not in ("cpu", "cuda"):
+        return (f"--device {args.device}: under torchrun every process uses its own GPU (cuda:LOCAL_RANK); "
+                "pass --device cuda, or --device cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but CUDA is not available here: pass --device cpu (Gloo)"
+    try:
+        args.device = str(init_distributed(backend="nccl" if args.device == "cuda" else "gloo"))
+    except RuntimeError as err:
+        return str(err)
+    if not is_main_process():
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
+    return None
+
+
+def _distributed_record(settings) -> dict | None:
+    from avalanche_hat.training import get_world_size, is_distributed
+
+    if not is_distributed():
+        return None
+    import torch.distributed as dist
+
+    return {"processes": get_world_size(), "backend": dist.get_backend(),
+            "batch_size_per_process": settings.batch_size,
+            "global_batch_size": settings.batch_size * get_world_size(),
+            "note": "HAT only (DDP); train_seconds and peak memory are rank 0's"}
+
+
+def _leaderboard(args, argv, spec, methods, out: Path, stem: str, skipped: dict | None = None) -> int:
+    import torch
+
+    from avalanche_hat.training import is_main_process
 
     from .data import loading_seconds
     from .runner import run_method
     from .strategies import UnsupportedNetwork
 
     settings, hp = _settings_and_hp(args, spec)
+    distributed = _distributed_record(settings)
     load_epoch = loading_seconds(spec.scenario, settings.batch_size)
+    processes = "" if distributed is None else (f" x {distributed['processes']} processes "
+                                                f"({distributed['backend']}, batch per process)")
     print(f"{spec.name}: {spec.num_tasks} tasks of {spec.classes_per_task} classes, {spec.train_size} training / "
           f"{spec.test_size} test images from {spec.source} (loaded in {spec.load_seconds:.1f} s); "
           f"network {settings.network}, {settings.epochs} epochs per task, batch {settings.batch_size}, "
-          f"{settings.optimizer} lr {settings.lr}, seeds {args.seeds}, device {settings.device}; one pass of the "
-          f"data loader over every task takes {load_epoch:.1f} s", flush=True)
+          f"{settings.optimizer} lr {settings.lr}, seeds {args.seeds}, device {settings.device}{processes}; one "
+          f"pass of the data loader over every task takes {load_epoch:.1f} s", flush=True)
     wall = time.perf_counter()
     results = []
     hat_models = {}
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = dict(skipped or {})
+    for method in skipped:
+        print(f"  {method:>13}: skipped: {skipped[method]}", flush=True)
     for seed in args.seeds:
         for method in methods:
             if method in skipped:
@@ -221,6 +291,10 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str) -> int:
         "torch_threads": torch.get_num_threads(),
         "skipped": skipped,
     }
+    if distributed is not None:
+        config["distributed"] = distributed
+    if not is_main_process():
+        return 0  # every rank holds the same results: rank 0 writes them
     forgetting = None
     if "HAT" in methods and not args.no_forgetting:
         from .forgetting import forgetting_experiment
@@ -316,6 +390,10 @@ def _tune(args, argv, spec, methods, out: Path, stem: str) -> int:
             print(f"  {method:>5} {key}={value:g}: holdout ACC {100 * scores[value]:.2f}%", flush=True)
         best = max(scores, key=scores.get)
         chosen[method] = {key: best, "holdout_acc": scores[best], "grid": {str(k): v for k, v in scores.items()}}
+    from avalanche_hat.training import is_main_process
+
+    if not is_main_process():
+        return 0  # every rank holds the same results: rank 0 writes them
     out.mkdir(parents=True, exist_ok=True)
     record = {"command": _command(argv), "benchmark": spec.describe(), "settings": asdict(settings),
               "seeds": args.seeds, "chosen": chosen, "trials": trials,

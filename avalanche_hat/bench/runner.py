@@ -134,7 +134,7 @@ class PeakMemory:
 def _progress_plugin(bar):
     from avalanche.core import SupervisedPlugin
 
-    class Progress(SupervisedPlugin):
+    class Progress(SupervisedPlugin, supports_distributed=True):
         def after_training_iteration(self, strategy, **kwargs):
             bar.update(1)
 
@@ -166,9 +166,12 @@ def run_method(method: str, scenario, settings: TrainSettings, hp: HyperParamete
     experience (joint training: once, after training on everything)."""
     from tqdm.auto import tqdm
 
+    from avalanche_hat.training import get_world_size
+
     seed_everything(seed)
     num_tasks = len(scenario.train_stream)
-    batches = sum(math.ceil(len(e.dataset) / settings.batch_size) for e in scenario.train_stream)
+    shard = lambda n: math.ceil(n / get_world_size())  # noqa: E731  (samples per process under torchrun)
+    batches = sum(math.ceil(shard(len(e.dataset)) / settings.batch_size) for e in scenario.train_stream)
     total = batches * settings.epochs
     bar = tqdm(total=total, desc=f"{method:>13} seed {seed}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True)

@@ -75,7 +75,7 @@ def _plugin_base():
     return SupervisedPlugin
 
 
-class ResetOptimizerState(_plugin_base()):
+class ResetOptimizerState(_plugin_base(), supports_distributed=True):
     """Start every task with an empty optimizer state (no momentum / Adam moments carried over)."""
 
     def before_training_exp(self, strategy, **kwargs):
