@@ -5,7 +5,8 @@ tiny tasks from scratch, then resumes a checkpoint written by a single process a
 trains tasks 1 and 2. The tests check what users rely on: every rank ends with bit-identical
 parameters and buffers, earlier tasks keep their exact accuracy (BWT = 0.0), the reported accuracy
 is that of a single-process evaluation of the same model, only rank 0 logs, and checkpoints cross
-between a distributed run and a single process in both directions.
+between a distributed run and a single process in both directions. The same launch then runs the
+benchmark command (``python -m avalanche_hat.bench``'s ``main``) on the tiny digits benchmark.
 """
 from __future__ import annotations
 
@@ -132,7 +133,14 @@ def worker(out: Path, single_checkpoint: Path) -> None:
         "results": results,
         "trained_tasks": strategy.trained_tasks,
     }, out / f"resumed_rank{rank}.pt")
-    destroy_distributed()
+
+    # The benchmark command, as `torchrun ... -m avalanche_hat.bench` runs it (it leaves the group).
+    from avalanche_hat.bench.cli import main
+
+    code = main(["--benchmark", "digits", "--methods", "HAT", "Naive", "--epochs", "1", "--no-plots",
+                 "--no-progress", "--out", str(out / "bench")])
+    assert code == 0, code
+    destroy_distributed()  # already done by the command: a no-op
 
 
 # ------------------------------------------------------------------------------ the launch
@@ -158,6 +166,7 @@ def run(tmp_path_factory):
                    "--out", str(out), "--single-checkpoint", str(out / "single_after_task0.ckpt")]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        (out / "torchrun_stdout.txt").write_text(done.stdout)
         ranks = {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
                  for name in ("scratch", "resumed")}
         yield {"out": out, "benchmark": benchmark, "ranks": ranks, "single_results": single_results,
@@ -261,6 +270,19 @@ def test_checkpoint_of_a_single_process_resumes_in_the_distributed_run(run):
     single_acc = run["single_results"]["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"]
     assert single_acc >= 0.75
     assert run["ranks"]["resumed"][0]["results"]["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"] == single_acc
+
+
+def test_benchmark_command_under_torchrun_trains_hat_with_ddp_and_reports_once(run):
+    import json
+
+    stdout = (run["out"] / "torchrun_stdout.txt").read_text()
+    assert stdout.count("HAT seed 0: ACC") == stdout.count("total wall time") == 1  # rank 0 alone prints
+    record = json.loads((run["out"] / "bench" / "digits.json").read_text())
+    hat = [r for r in record["runs"] if r["method"] == "HAT"]
+    assert len(hat) == 1 and hat[0]["bwt"] == 0.0 and hat[0]["acc"] > 0.5
+    assert record["config"]["distributed"]["processes"] == 2
+    assert record["config"]["distributed"]["global_batch_size"] == 2 * record["config"]["settings"]["batch_size"]
+    assert "DistributedDataParallel" in record["config"]["skipped"]["Naive"]
 
 
 # ------------------------------------------------------------------- single-process behaviour
