@@ -48,7 +48,9 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader, SingleDatasetDataLoader, TaskBalancedDataLoader
+from avalanche.benchmarks.utils.data_loader import (
+    MultiDatasetDataLoader, SingleDatasetDataLoader, TaskBalancedDataLoader,
+)
 from avalanche.core import SupervisedPlugin
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -592,6 +594,7 @@ def maybe_load_checkpoint(strategy, fname, map_location=None, unique_objects=Non
                                                        unique_objects=unique_objects)
     if ours and not any(isinstance(p, DistributedHATPlugin) for p in strategy.plugins):
         # A checkpoint of a strategy without the plugin: keep this run's, before the evaluator.
-        index = strategy.plugins.index(strategy.evaluator) if strategy.evaluator in strategy.plugins else len(strategy.plugins)
-        strategy.plugins.insert(index, ours[0])
+        plugins = strategy.plugins
+        index = plugins.index(strategy.evaluator) if strategy.evaluator in plugins else len(plugins)
+        plugins.insert(index, ours[0])
     return strategy, start
