@@ -1,5 +1,6 @@
 """``avalanche-hat-bench`` / ``python -m avalanche_hat.bench``: the leaderboard of HAT against
-Avalanche's strategies on one task-incremental benchmark, same network, budget and seeds.
+Avalanche's strategies on one task-incremental benchmark, same network, budget and seeds
+(``--scenario class``: the class-incremental leaderboard, no task labels at test time).
 
 With no arguments: Split Fashion-MNIST (5 tasks of 2 classes, real data from Debian's
 ``dataset-fashion-mnist`` or ``--data-root``), all 8 methods, one seed, on the CPU; results in
@@ -40,7 +41,7 @@ TUNING_GRID = {
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import BENCHMARKS
-    from .strategies import METHODS, HyperParameters
+    from .strategies import CLASS_METHODS, METHODS, HyperParameters
 
     hp = HyperParameters()
     p = argparse.ArgumentParser(
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", default=None, help="folder of the data set (CIFAR: download target)")
     g.add_argument("--train-fraction", type=float, default=1.0,
                    help="train on this stratified share of the training data (test set unchanged)")
+    g.add_argument("--scenario", choices=("task", "class"), default="task",
+                   help="task: task-incremental (task labels, per-task heads); class: class-incremental "
+                        "(every experience labelled task 0, one head over all classes; HAT predicts the task "
+                        "at test time; methods: " + ", ".join(CLASS_METHODS) + ")")
     g = p.add_argument_group("methods and budget (the same for every method)")
     g.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help=f"any of {', '.join(METHODS)} (comma or space separated), or all")
@@ -85,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hat-schedule", choices=("cosine", "linear"), default=hp.hat_schedule)
     g.add_argument("--hat-scale-unit", choices=("epoch", "experience"), default=hp.hat_scale_unit,
                    help="what one period of HAT's mask-scale schedule spans")
+    g.add_argument("--hat-task-score", choices=("msp", "energy", "entropy", "reject", "mahalanobis"),
+                   default=hp.hat_task_score, help="--scenario class: the score that predicts HAT's task")
+    g.add_argument("--no-hat-reject-head", dest="hat_reject_head", action="store_false",
+                   help="--scenario class: no reject logit trained with rotated negatives")
+    g.add_argument("--er-ace-batch-size-mem", type=int, default=hp.er_ace_batch_size_mem,
+                   help="ER-ACE's replayed samples per step (default: the batch size)")
     g = p.add_argument_group("modes and output")
     g.add_argument("--tune", action="store_true",
                    help="choose EWC/SI/LwF/HAT coefficients on a 10%% holdout of the training data "
@@ -128,12 +139,14 @@ def _settings_and_hp(args, spec):
         network=args.network, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, device=args.device, num_tasks=spec.num_tasks,
         classes_per_task=spec.classes_per_task, in_chans=spec.in_chans, img_size=spec.img_size,
+        scenario=args.scenario,
     )
     hp = HyperParameters(
         ewc_lambda=args.ewc_lambda, si_lambda=args.si_lambda, lwf_alpha=args.lwf_alpha,
         lwf_temperature=args.lwf_temperature, replay_mem_size=args.replay_mem_size,
         hat_reg_coef=args.hat_reg_coef, hat_quota=args.hat_quota, hat_max_mask_scale=args.hat_max_mask_scale, hat_schedule=args.hat_schedule,
-        hat_scale_unit=args.hat_scale_unit,
+        hat_scale_unit=args.hat_scale_unit, hat_task_score=args.hat_task_score,
+        hat_reject_head=args.hat_reject_head, er_ace_batch_size_mem=args.er_ace_batch_size_mem,
     )
     return settings, hp
 
@@ -157,7 +170,7 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        methods = resolve_methods(args.methods)
+        methods = resolve_methods(args.methods, args.scenario)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -168,7 +181,9 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         skipped = {m: NOT_DISTRIBUTED for m in methods if m != "HAT"}
-    if "PackNet" in methods and args.epochs < 2:
+    if args.scenario == "class" and not args.no_forgetting:
+        args.no_forgetting = True  # Table 2 forgets a task by its id: a task-incremental experiment
+    if "PackNet" in methods and args.epochs < 2 and args.scenario == "task":
         print("error: PackNet prunes after the first epochs and fine-tunes after: use --epochs >= 2 "
               "or leave PackNet out (--methods ...)", file=sys.stderr)
         return 2
@@ -177,12 +192,12 @@ def main(argv=None) -> int:
         return 2
     try:
         spec = make_benchmark(args.benchmark, data_root=args.data_root, train_fraction=args.train_fraction,
-                              holdout=args.holdout if args.tune else None)
+                              holdout=args.holdout if args.tune else None, scenario=args.scenario)
     except DataNotFound as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    stem = args.name or args.benchmark
+    stem = args.name or (args.benchmark if args.scenario == "task" else f"{args.benchmark}_class")
     from avalanche_hat.training import destroy_distributed
 
     try:
@@ -251,7 +266,8 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str, skipped: dict 
     load_epoch = loading_seconds(spec.scenario, settings.batch_size)
     processes = "" if distributed is None else (f" x {distributed['processes']} processes "
                                                 f"({distributed['backend']}, batch per process)")
-    print(f"{spec.name}: {spec.num_tasks} tasks of {spec.classes_per_task} classes, {spec.train_size} training / "
+    print(f"{spec.name} ({spec.scenario_kind}-incremental): {spec.num_tasks} tasks of {spec.classes_per_task} "
+          f"classes, {spec.train_size} training / "
           f"{spec.test_size} test images from {spec.source} (loaded in {spec.load_seconds:.1f} s); "
           f"network {settings.network}, {settings.epochs} epochs per task, batch {settings.batch_size}, "
           f"{settings.optimizer} lr {settings.lr}, seeds {args.seeds}, device {settings.device}{processes}; one "
@@ -278,8 +294,12 @@ def _leaderboard(args, argv, spec, methods, out: Path, stem: str, skipped: dict 
                 r.model = None
             results.append(r)
             bwt = "n/a" if r.bwt != r.bwt else f"{100 * r.bwt:+.2f}%"
-            print(f"  {method:>13} seed {seed}: ACC {100 * r.acc:.2f}%  BWT {bwt}  train {r.train_seconds:.1f} s",
-                  flush=True)
+            task_id = ""
+            if r.task_inference:
+                score = r.task_inference["task_score"]
+                task_id = f"  task-id {100 * r.task_inference['task_accuracy'][score]['calibrated']:.2f}% ({score})"
+            print(f"  {method:>13} seed {seed}: ACC {100 * r.acc:.2f}%  BWT {bwt}  train {r.train_seconds:.1f} s"
+                  + task_id, flush=True)
     wall = time.perf_counter() - wall
     config = {
         "command": _command(argv), "benchmark": spec.describe(), "methods": methods, "seeds": args.seeds,
@@ -324,6 +344,11 @@ def publish(out: Path, stem: str, results, config: dict, plots: bool = True, env
     hat_result = next((r for r in results if r.method == "HAT"), None)
     if hat_result is not None and hat_result.capacity:
         extra += [f"## HAT capacity per task (seed {hat_result.seed})", "", hat_result.capacity["table"], ""]
+    if hat_result is not None and hat_result.task_inference:
+        from .report import task_inference_markdown
+
+        extra += ["## HAT without task labels: task-id prediction", "",
+                  task_inference_markdown([r for r in results if r.method == "HAT"]), ""]
     if skipped:
         extra += ["## Skipped", "", *(f"- {m}: {why}" for m, why in skipped.items()), ""]
     paths = write_outputs(out, stem, rows, results, config, "\n".join(extra), env=env)
@@ -385,7 +410,10 @@ def _tune(args, argv, spec, methods, out: Path, stem: str) -> int:
                 r = run_method(method, spec.scenario, settings, replace(hp, **{key: value}), seed,
                                progress=not args.no_progress)
                 accs.append(r.acc)
-                trials.append({"method": method, key: value, "seed": seed, "holdout_acc": r.acc, "bwt": r.bwt})
+                trial = {"method": method, key: value, "seed": seed, "holdout_acc": r.acc, "bwt": r.bwt}
+                if r.task_inference:  # class-incremental HAT: every task score on the holdout
+                    trial["task_inference"] = {k: r.task_inference[k] for k in ("task_accuracy", "accuracy")}
+                trials.append(trial)
             scores[value] = sum(accs) / len(accs)
             print(f"  {method:>5} {key}={value:g}: holdout ACC {100 * scores[value]:.2f}%", flush=True)
         best = max(scores, key=scores.get)

@@ -41,6 +41,10 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 BENCHMARKS = ("fmnist", "digits", "cifar10", "cifar100", "cifar100-20")
+#: "task": task-incremental (a task label per experience, class ids from 0 in each); "class":
+#: class-incremental (every experience labelled task 0, global class ids), as
+#: ``SplitFMNIST(..., return_task_id=False)``.
+SCENARIOS = ("task", "class")
 TASKS = {"fmnist": 5, "digits": 5, "cifar10": 5, "cifar100": 10, "cifar100-20": 20}
 
 
@@ -80,6 +84,7 @@ class BenchmarkSpec:
     source: str
     class_order: list[int] = field(default_factory=list)
     load_seconds: float = 0.0
+    scenario_kind: str = "task"  # "task"- or "class"-incremental
 
     def describe(self) -> dict:
         return {
@@ -87,6 +92,7 @@ class BenchmarkSpec:
             "input": [self.in_chans, self.img_size, self.img_size], "train_size": self.train_size,
             "eval_size": self.test_size, "evaluation_set": self.evaluation_set, "source": self.source,
             "class_order": self.class_order, "load_seconds": round(self.load_seconds, 2),
+            "scenario": f"{self.scenario_kind}-incremental",
         }
 
 
@@ -216,18 +222,22 @@ def stratified_subset(targets: torch.Tensor, fraction: float, seed: int) -> torc
     return subset
 
 
-def split_benchmark(train, test, num_tasks: int, class_order: list[int]):
-    """Avalanche's task-incremental split of preloaded tensors (the arguments of SplitFMNIST /
-    SplitCIFAR with ``return_task_id=True`` and a fixed class order)."""
+def split_benchmark(train, test, num_tasks: int, class_order: list[int], scenario: str = "task"):
+    """Avalanche's split of preloaded tensors (the arguments of SplitFMNIST / SplitCIFAR with a fixed
+    class order): ``scenario="task"`` as ``return_task_id=True`` (class ids from 0 in each
+    experience), ``"class"`` as ``return_task_id=False`` (task label 0 everywhere, global class ids)."""
     from avalanche.benchmarks import nc_benchmark
 
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    task = scenario == "task"
     return nc_benchmark(
         train_dataset=PreloadedImages(*train),
         test_dataset=PreloadedImages(*test),
         n_experiences=num_tasks,
-        task_labels=True,
+        task_labels=task,
         fixed_class_order=class_order,
-        class_ids_from_zero_in_each_exp=True,
+        class_ids_from_zero_in_each_exp=task,
     )
 
 
@@ -238,8 +248,9 @@ def make_benchmark(
     holdout: float | None = None,
     train_fraction: float = 1.0,
     data_seed: int = 0,
+    scenario: str = "task",
 ) -> BenchmarkSpec:
-    """Build benchmark ``name``.
+    """Build benchmark ``name``, task- or class-incremental (``scenario``, see :data:`SCENARIOS`).
 
     Args:
         holdout: if set (e.g. 0.1), that share of every class of the *training* data becomes the
@@ -273,12 +284,12 @@ def make_benchmark(
         sub = stratified_subset(train[1], train_fraction, data_seed + 1)
         train = (train[0][sub], train[1][sub])
     class_order = list(range(num_classes))
-    scenario = split_benchmark(train, test, num_tasks, class_order)
+    benchmark = split_benchmark(train, test, num_tasks, class_order, scenario)
     return BenchmarkSpec(
-        name=name, scenario=scenario, num_tasks=num_tasks, classes_per_task=num_classes // num_tasks,
+        name=name, scenario=benchmark, num_tasks=num_tasks, classes_per_task=num_classes // num_tasks,
         in_chans=in_chans, img_size=img, train_size=len(train[1]), test_size=len(test[1]),
         evaluation_set=evaluation, source=source, class_order=class_order,
-        load_seconds=time.perf_counter() - start,
+        load_seconds=time.perf_counter() - start, scenario_kind=scenario,
     )
 
 

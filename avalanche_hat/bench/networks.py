@@ -132,6 +132,20 @@ def _multi_task_base():
     return MultiTaskModule
 
 
+class SingleHeadNet(nn.Module):
+    """A plain trunk with one linear head over all classes (class-incremental baselines, as
+    Avalanche's ``SimpleMLP``; called without task labels)."""
+
+    def __init__(self, trunk: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(trunk.num_features, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
 class MultiHeadNet(_multi_task_base()):
     """A plain trunk with one linear head per task, all heads created up front (Avalanche's
     ``MultiTaskModule``: mixed-task batches are split by task)."""

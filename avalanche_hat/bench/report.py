@@ -193,3 +193,30 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+def task_inference_markdown(results: list[MethodResult]) -> str:
+    """Class-incremental HAT: for every task score, the task-id prediction accuracy and the resulting
+    class-incremental accuracy, calibrated (z-normalised per task) and raw, mean (± std) over
+    seeds; then the accuracy of the same models with the task ids given, and the cost of
+    task-id prediction."""
+    runs = [r.task_inference for r in results if r.task_inference]
+    if not runs:
+        return ""
+    chosen = runs[0]["task_score"]
+    lines = ["| task score | task-id accuracy (%) | raw (%) | class-incremental ACC (%) | raw (%) |",
+             "|---|---:|---:|---:|---:|"]
+    for method in runs[0]["task_accuracy"]:
+        cells = [_fmt([run[kind][method][cal] for run in runs])
+                 for kind, cal in (("task_accuracy", "calibrated"), ("task_accuracy", "raw"),
+                                   ("accuracy", "calibrated"), ("accuracy", "raw"))]
+        name = f"**{method}** (used)" if method == chosen else method
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cost = [run["cost"] for run in runs if run.get("cost")]
+    lines += ["", f"With the task ids given, the same models reach "
+                  f"{_fmt([run['task_incremental_accuracy'] for run in runs])}% (task-incremental ACC)."]
+    if cost:
+        lines.append(f"Task-id prediction over {cost[0]['tasks']} tasks (one batched pass, scores, output over all "
+                     f"classes) costs {_fmt([c['ratio'] for c in cost], scale=1.0)} times one task's forward "
+                     f"(batch {cost[0]['batch']}, median CPU time).")
+    return "\n".join(lines)

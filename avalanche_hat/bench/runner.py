@@ -26,6 +26,7 @@ class MethodResult:
     memory_kind: str
     config: dict
     capacity: dict | None = None  # HAT: per-task share of units and the capacity table
+    task_inference: dict | None = None  # class-incremental HAT: task-id prediction per score, TIL accuracy
     model: object = field(default=None, repr=False)
 
     @property
@@ -59,7 +60,7 @@ class MethodResult:
         """Back from :meth:`to_dict` (the ``runs`` of a leaderboard JSON)."""
         return cls(method=d["method"], seed=d["seed"], matrix=d["accuracy_matrix"], train_seconds=d["train_seconds"],
                    parameters=d["parameters"], peak_memory_mb=d["peak_memory_mb"], memory_kind=d["memory_kind"],
-                   config=d["config"], capacity=d.get("capacity"))
+                   config=d["config"], capacity=d.get("capacity"), task_inference=d.get("task_inference"))
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +68,7 @@ class MethodResult:
             "forgetting": self.forgetting, "train_seconds": self.train_seconds, "parameters": self.parameters,
             "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
             "accuracy_matrix": self.matrix, "config": self.config, "capacity": self.capacity,
+            "task_inference": self.task_inference,
         }
 
 
@@ -202,6 +204,52 @@ def run_method(method: str, scenario, settings: TrainSettings, hp: HyperParamete
                     "table": report.to_markdown(),
                     "layers": [{"name": l.name, "units": l.units, "usage": {str(t): u for t, u in l.usage.items()},
                                 "owned": l.owned, "shared": l.shared} for l in report.layers]}
+    task_inference = None
+    if method == "HAT" and settings.class_incremental:
+        task_inference = hat_task_inference(model, scenario.test_stream, settings)
     return MethodResult(method=method, seed=seed, matrix=matrix, train_seconds=train_seconds, parameters=params,
                         peak_memory_mb=memory.megabytes, memory_kind=memory.kind, config=built.config,
-                        capacity=capacity, model=model if keep_model else None)
+                        capacity=capacity, task_inference=task_inference, model=model if keep_model else None)
+
+
+def hat_task_inference(model, test_stream, settings: TrainSettings) -> dict:
+    """Class-incremental HAT after the last task, on the whole evaluation stream: task-id prediction
+    accuracy and class-incremental accuracy of every task score (calibrated and raw), the accuracy
+    with the task ids given (task-incremental evaluation of the same model), and the measured cost of
+    inference: the batched pass over all tasks against one task's forward (CPU time, medians)."""
+    import statistics
+
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from avalanche_hat.training import evaluate_task_inference
+
+    model.eval()
+    device = torch.device(settings.device)
+    data = [e.dataset.eval() for e in test_stream]
+    report = evaluate_task_inference(model, DataLoader(ConcatDataset(data), batch_size=settings.eval_batch_size))
+    hits = total = 0
+    with torch.no_grad():
+        for e, d in zip(test_stream, data):
+            for x, y, *_ in DataLoader(d, batch_size=settings.eval_batch_size):
+                x, y = x.to(device), y.to(device)
+                hits += int((model.forward_task(x, e.current_experience).argmax(1) == y).sum())
+                total += len(y)
+        report["task_incremental_accuracy"] = hits / total
+        x = next(iter(DataLoader(data[0], batch_size=settings.eval_batch_size)))[0].to(device)
+        single, batched = [], []
+        clock = time.process_time if device.type == "cpu" else time.perf_counter
+        for _ in range(7):
+            for fn, times in ((lambda: model.task_outputs(x, 0), single), (lambda: model(x), batched)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = clock()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(clock() - start)
+    report["cost"] = {"tasks": len(model.inference_tasks()), "batch": len(x),
+                      "single_task_forward_ms": 1000 * statistics.median(single[1:]),
+                      "task_inference_ms": 1000 * statistics.median(batched[1:]),
+                      "ratio": statistics.median(b / s for b, s in zip(batched[1:], single[1:]))}
+    report["task_score"] = model.task_score
+    return report

@@ -15,9 +15,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .networks import MultiHeadNet, build_trunk
+from .networks import MultiHeadNet, SingleHeadNet, build_trunk
 
 METHODS = ("HAT", "Naive", "EWC", "SI", "LwF", "PackNet", "Replay", "JointTraining")
+#: The methods of the class-incremental leaderboard: PackNet needs the task id at test time; ER-ACE
+#: (Caccia et al., 2022) is a strong rehearsal method made for class-incremental streams.
+CLASS_METHODS = ("HAT", "Naive", "EWC", "SI", "LwF", "Replay", "ER-ACE", "JointTraining")
 
 
 @dataclass
@@ -36,6 +39,11 @@ class TrainSettings:
     classes_per_task: int = 2
     in_chans: int = 1
     img_size: int = 28
+    scenario: str = "task"  # "task": per-task heads and task labels; "class": one head over all classes
+
+    @property
+    def class_incremental(self) -> bool:
+        return self.scenario == "class"
 
 
 @dataclass
@@ -58,6 +66,11 @@ class HyperParameters:
     hat_max_mask_scale: float = 400.0  # s_max, original HAT
     hat_schedule: str = "cosine"  # HAT-CL Eq. 6
     hat_scale_unit: str = "epoch"  # one period of the mask-scale schedule: "epoch" or "experience"
+    # Class-incremental HAT (HATClassIncrementalModel), chosen on the holdout of Split FMNIST's training
+    # data: the task score and a reject logit per head trained with rotated negatives.
+    hat_task_score: str = "mahalanobis"
+    hat_reject_head: bool = True
+    er_ace_batch_size_mem: int | None = None  # ER-ACE's replayed samples per step (None: the batch size)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -138,6 +151,10 @@ class UnsupportedNetwork(ValueError):
     """The method cannot run on the chosen network (reported as skipped, not as a crash)."""
 
 
+class UnsupportedScenario(UnsupportedNetwork):
+    """The method does not apply to the chosen scenario (reported as skipped, not as a crash)."""
+
+
 class PackNetMultiHead(_packnet_model_base()):
     """Avalanche's ``PackNetModel`` around the shared trunk only, with per-task heads attached after
     wrapping (Avalanche 0.6.0's wrapper crashes on heads and does not pass the task id on).
@@ -194,9 +211,12 @@ def _common(model, settings: TrainSettings, plugins, evaluator) -> dict:
     )
 
 
-def _plain_model(settings: TrainSettings) -> MultiHeadNet:
+def _plain_model(settings: TrainSettings) -> nn.Module:
+    """Per-task heads (task-incremental) or one head over all classes (class-incremental)."""
     trunk = build_trunk(settings.network, in_chans=settings.in_chans, img_size=settings.img_size,
                         width=settings.width)
+    if settings.class_incremental:
+        return SingleHeadNet(trunk, settings.num_tasks * settings.classes_per_task)
     return MultiHeadNet(trunk, settings.num_tasks, settings.classes_per_task)
 
 
@@ -233,7 +253,8 @@ def lwf(settings, hp, plugins, evaluator) -> Built:
 
     model = _plain_model(settings)
     strategy = LwF(alpha=hp.lwf_alpha, temperature=hp.lwf_temperature, **_common(model, settings, plugins, evaluator))
-    return Built(strategy, model, {"description": "Avalanche LwF (distillation on earlier tasks' heads)",
+    what = "the classes seen so far" if settings.class_incremental else "earlier tasks' heads"
+    return Built(strategy, model, {"description": f"Avalanche LwF (distillation on {what})",
                                    "lwf_alpha": hp.lwf_alpha, "lwf_temperature": hp.lwf_temperature})
 
 
@@ -241,6 +262,9 @@ def packnet(settings, hp, plugins, evaluator) -> Built:
     from avalanche.training import Naive
     from avalanche.models.packnet import PackNetPlugin
 
+    if settings.class_incremental:
+        raise UnsupportedScenario("PackNet selects its weights by task id at test time: it does not apply to a "
+                                  "class-incremental stream")
     if settings.epochs < 2:
         raise ValueError("PackNet prunes after the first epochs and fine-tunes after: it needs --epochs >= 2")
     post = hp.packnet_post_prune_epochs or max(1, settings.epochs // 2)
@@ -269,6 +293,21 @@ def replay(settings, hp, plugins, evaluator) -> Built:
                                    "replay_mem_size": hp.replay_mem_size})
 
 
+def er_ace(settings, hp, plugins, evaluator) -> Built:
+    from avalanche.training import ER_ACE
+
+    if not settings.class_incremental:
+        raise UnsupportedScenario("ER-ACE's asymmetric loss is made for one head over all classes: it runs in "
+                                  "the class-incremental leaderboard")
+    model = _plain_model(settings)
+    memory_batch = hp.er_ace_batch_size_mem or settings.batch_size
+    strategy = ER_ACE(mem_size=hp.replay_mem_size, batch_size_mem=memory_batch,
+                      **_common(model, settings, plugins, evaluator))
+    return Built(strategy, model, {"description": "Avalanche ER_ACE (asymmetric cross-entropy; replayed samples per "
+                                                  "step = batch size, as many as Replay adds)",
+                                   "replay_mem_size": hp.replay_mem_size, "er_ace_batch_size_mem": memory_batch})
+
+
 def joint(settings, hp, plugins, evaluator) -> Built:
     from avalanche.training import JointTraining
 
@@ -279,33 +318,50 @@ def joint(settings, hp, plugins, evaluator) -> Built:
 
 def hat(settings, hp, plugins, evaluator) -> Built:
     from avalanche_hat import HAT, HATConfig, HATMultiTaskModel
+    from avalanche_hat.training import HATClassIncrementalModel
 
     cfg = HATConfig(num_tasks=settings.num_tasks, max_mask_scale=hp.hat_max_mask_scale)
     backbone = build_trunk(settings.network, in_chans=settings.in_chans, img_size=settings.img_size,
                            width=settings.width, hat_config=cfg)
-    model = HATMultiTaskModel(backbone, num_classes=settings.classes_per_task, hat_config=cfg)
+    config = {"description": "avalanche_hat.HAT (HAT-CL: dense init, cosine mask scale, layerwise usage penalty)",
+              "hat_reg_coef": hp.hat_reg_coef, "hat_quota": hp.hat_quota, "hat_max_mask_scale": hp.hat_max_mask_scale,
+              "hat_schedule": hp.hat_schedule, "hat_scale_unit": hp.hat_scale_unit}
+    if settings.class_incremental:
+        # Statistics of every score are kept, so that the report compares them on one trained model.
+        model = HATClassIncrementalModel(backbone, num_classes=settings.num_tasks * settings.classes_per_task,
+                                         classes_per_task=settings.classes_per_task, hat_config=cfg,
+                                         task_score=hp.hat_task_score, reject_head=hp.hat_reject_head,
+                                         feature_statistics=True)
+        config["description"] += ("; class-incremental: HATClassIncrementalModel, experience i = task i, task "
+                                  "predicted at test time")
+        config.update(hat_task_score=hp.hat_task_score, hat_reject_head=hp.hat_reject_head,
+                      hat_calibration_fraction=model.calibration_fraction,
+                      hat_covariance_shrinkage=model.covariance_shrinkage,
+                      hat_task_temperature=model.task_temperature,
+                      hat_negatives=list(model.negatives) if model.reject_head else [])
+    else:
+        model = HATMultiTaskModel(backbone, num_classes=settings.classes_per_task, hat_config=cfg)
     kwargs = _common(model, settings, plugins, evaluator)
     strategy = HAT(reg_coef=hp.hat_reg_coef, quota=hp.hat_quota, schedule=hp.hat_schedule,
                    scale_unit=hp.hat_scale_unit, **kwargs)
-    return Built(strategy, model, {"description": "avalanche_hat.HAT (HAT-CL: dense init, cosine mask scale, "
-                                                  "layerwise usage penalty)",
-                                   "hat_reg_coef": hp.hat_reg_coef, "hat_quota": hp.hat_quota,
-                                   "hat_max_mask_scale": hp.hat_max_mask_scale,
-                                   "hat_schedule": hp.hat_schedule, "hat_scale_unit": hp.hat_scale_unit})
+    return Built(strategy, model, config)
 
 
 BUILDERS: dict[str, Callable[..., Built]] = {
     "HAT": hat, "Naive": naive, "EWC": ewc, "SI": si, "LwF": lwf, "PackNet": packnet, "Replay": replay,
-    "JointTraining": joint,
+    "ER-ACE": er_ace, "JointTraining": joint,
 }
 
 
-def resolve_methods(names) -> list[str]:
-    """Method names from user input (case-insensitive; ``all``; ``joint`` for JointTraining)."""
+def resolve_methods(names, scenario: str = "task") -> list[str]:
+    """Method names from user input (case-insensitive; ``all``: the scenario's methods; ``joint``
+    for JointTraining)."""
+    methods = CLASS_METHODS if scenario == "class" else METHODS
     if not names or names == ["all"]:
-        return list(METHODS)
-    lookup = {m.lower(): m for m in METHODS}
+        return list(methods)
+    lookup = {m.lower(): m for m in (*METHODS, *CLASS_METHODS)}
     lookup["joint"] = "JointTraining"
+    lookup["er_ace"] = lookup["erace"] = "ER-ACE"
     out = []
     for name in names:
         for part in str(name).split(","):
@@ -313,7 +369,7 @@ def resolve_methods(names) -> list[str]:
             if not part:
                 continue
             if part.lower() not in lookup:
-                raise ValueError(f"unknown method {part!r}: choose from {', '.join(METHODS)} (or 'all')")
+                raise ValueError(f"unknown method {part!r}: choose from {', '.join(methods)} (or 'all')")
             if lookup[part.lower()] not in out:
                 out.append(lookup[part.lower()])
     return out
