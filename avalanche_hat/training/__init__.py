@@ -20,11 +20,13 @@ This is the only part of avalanche_hat that imports Avalanche. Usage::
 
 Any other strategy gets HAT with ``plugins=[HATPlugin()]`` and a ``HATMultiTaskModel`` model.
 """
-from .checkpoint import make_optimizers_picklable, maybe_load_checkpoint, save_checkpoint
+from .checkpoint import make_optimizers_picklable
 from .class_incremental import HATClassIncrementalModel, evaluate_task_inference
+# The rank-aware checkpoint functions: in one process they are Avalanche's (with the dill fix); under
+# torchrun rank 0 writes and every rank loads.
 from .distributed import (
     DistributedHATPlugin, destroy_distributed, get_rank, get_world_size, init_distributed, is_distributed,
-    is_main_process,
+    is_main_process, maybe_load_checkpoint, save_checkpoint,
 )
 from .metrics import HATCapacityMetric, HATCSVLogger, capacity_metric_values, hat_capacity_metrics
 from .model import HATMultiTaskModel
