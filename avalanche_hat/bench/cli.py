@@ -190,12 +190,22 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device} but CUDA is not available here", file=sys.stderr)
         return 2
+    # Under torchrun rank 0 loads (and, for CIFAR, downloads) the data first while the others wait,
+    # so that no two processes write into the data folder at once.
+    from avalanche_hat.training import is_distributed, is_main_process
+
+    waits_for_rank0 = is_distributed() and not is_main_process()
+    if waits_for_rank0:
+        torch.distributed.barrier()
     try:
         spec = make_benchmark(args.benchmark, data_root=args.data_root, train_fraction=args.train_fraction,
                               holdout=args.holdout if args.tune else None, scenario=args.scenario)
     except DataNotFound as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if is_distributed() and not waits_for_rank0:
+            torch.distributed.barrier()
     out = Path(args.out)
     stem = args.name or (args.benchmark if args.scenario == "task" else f"{args.benchmark}_class")
     from avalanche_hat.training import destroy_distributed
