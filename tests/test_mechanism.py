@@ -172,3 +172,25 @@ def test_dense_init_with_cosine_schedule_finds_the_useful_features_fast():
     original = [table1.batches_to_train("original", seed, max_batches=300) for seed in range(4)]
     assert statistics.mean(ours) < 60
     assert statistics.mean(ours) < statistics.mean(original)
+
+
+@pytest.mark.parametrize("samples", [2, 64])  # fewer and more samples than inputs: both code paths
+@pytest.mark.parametrize("input_ownership", [False, True])
+def test_fused_linear_gradients_are_equation_2(samples, input_ownership):
+    from avalanche_hat.mechanism.masks import nullified_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(samples, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    out_owned = torch.tensor([1.0, 0, 1, 0, 0], dtype=torch.float64)
+    in_owned = (torch.arange(8) % 3 == 0).double() if input_ownership else None
+    c = torch.randn(samples, 5, dtype=torch.float64)
+    (nullified_linear(x, w, b, out_owned, in_owned) * c).sum().backward()
+    gx, gw, gb = x.grad, w.grad, b.grad
+    x.grad = w.grad = b.grad = None
+    (torch.nn.functional.linear(x, w, b) * c).sum().backward()
+    owned_in = in_owned if in_owned is not None else torch.ones(8, dtype=torch.float64)
+    torch.testing.assert_close(gw, w.grad * (1 - torch.minimum(out_owned[:, None], owned_in[None, :])))
+    torch.testing.assert_close(gb, b.grad * (1 - out_owned))
+    torch.testing.assert_close(gx, x.grad)  # the input gradient is never nullified

@@ -106,11 +106,18 @@ class _NullifiedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad.matmul(weight.to(dtype)).to(x.dtype)
         grad2d = grad.reshape(-1, grad.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
+        keep_rows = (1.0 - out_owned).to(dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = grad2d.t().mm(x.reshape(-1, x.shape[-1]).to(dtype))
-            grad_w = nullify_linear_grad_(grad_w, out_owned, in_owned).to(weight.dtype)
+            if in_owned is None and grad2d.shape[0] < x2d.shape[1]:
+                # Whole rows are frozen: scaling the (samples x out) output gradient is cheaper than
+                # a pass over the (out x in) weight gradient when there are fewer samples than inputs.
+                grad_w = (grad2d * keep_rows).t().mm(x2d)
+            else:
+                grad_w = nullify_linear_grad_(grad2d.t().mm(x2d), out_owned, in_owned)
+            grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad2d.sum(0).mul_((1.0 - out_owned).to(dtype)).to(weight.dtype)
+            grad_b = grad2d.sum(0).mul_(keep_rows).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
