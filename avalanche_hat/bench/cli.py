@@ -37,6 +37,13 @@ TUNING_GRID = {
     "LwF": ("lwf_alpha", [0.1, 1.0, 10.0]),
     "HAT": ("hat_reg_coef", [0.1, 0.75, 1.5, 2.5]),
 }
+# Class-incremental: SI's and LwF's grids go further up (their best task-incremental values are at
+# or near the top of the grids above, and class-incremental forgetting is stronger).
+CLASS_TUNING_GRID = {
+    **TUNING_GRID,
+    "SI": ("si_lambda", [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6]),
+    "LwF": ("lwf_alpha", [0.1, 1.0, 10.0, 100.0, 1000.0]),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("modes and output")
     g.add_argument("--tune", action="store_true",
                    help="choose EWC/SI/LwF/HAT coefficients on a 10%% holdout of the training data "
-                        "(grid: " + "; ".join(f"{m} {k} {v}" for m, (k, v) in TUNING_GRID.items()) + ")")
+                        "(grid: " + "; ".join(f"{m} {k} {v}" for m, (k, v) in TUNING_GRID.items()) + "; "
+                        "--scenario class: SI si_lambda up to 1e6, LwF lwf_alpha up to 1000)")
     g.add_argument("--holdout", type=float, default=0.1, help="holdout share used by --tune")
     g.add_argument("--no-forgetting", action="store_true",
                    help="skip the Table 2 experiment (forget task 0 of the trained HAT model)")
@@ -404,7 +412,8 @@ def _tune(args, argv, spec, methods, out: Path, stem: str) -> int:
     from .runner import run_method
 
     settings, hp = _settings_and_hp(args, spec)
-    grid = {m: v for m, v in TUNING_GRID.items() if m in methods}
+    grid = {m: v for m, v in (CLASS_TUNING_GRID if args.scenario == "class" else TUNING_GRID).items()
+            if m in methods}
     if not grid:
         print(f"error: --tune covers {', '.join(TUNING_GRID)}; none of them is in --methods", file=sys.stderr)
         return 2
