@@ -99,6 +99,16 @@ def task_posterior(z: torch.Tensor, temperature: float) -> torch.Tensor:
 class HATClassIncrementalModel(MultiTaskModule):
     """A HAT network for class-incremental streams: per-task heads, task-id prediction at test time.
 
+    Usage (the HAT strategy and the HATPlugin switch to class-incremental training for this model)::
+
+        benchmark = SplitFMNIST(5, return_task_id=False, seed=0)  # every experience: task label 0
+        net = timm.create_model("hat_resnet18s", hat_config=HATConfig(num_tasks=5), num_classes=0, in_chans=1)
+        model = HATClassIncrementalModel(net, num_classes=10, classes_per_task=2)
+        strategy = HAT(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64)
+        for experience in benchmark.train_stream:
+            strategy.train(experience)
+            strategy.eval(benchmark.test_stream)  # accuracy over all classes, no task labels used
+
     Training (driven by the :class:`HATPlugin`, which sets ``train_task``): experience ``i`` is HAT
     task ``i``; the output is ``num_classes`` logits (plus one reject logit last, with
     ``reject_head``), the current task's head at its classes and :data:`UNSEEN_LOGIT` elsewhere, so
