@@ -375,7 +375,8 @@ def publish(out: Path, stem: str, results, config: dict, plots: bool = True, env
 
         first = [r for r in results if r.seed == seeds[0]]
         paths["matrices"] = figures.accuracy_matrices(
-            first, out / f"{stem}_accuracy_matrices.png", title=f"{name}: accuracy (%) after each task, seed {seeds[0]}")
+            first, out / f"{stem}_accuracy_matrices.png", title=f"{name}: accuracy (%) after each task, seed {seeds[0]}",
+            vmin=0.0 if config["benchmark"].get("scenario") == "class-incremental" else 50.0)
         if hat_result is not None and hat_result.capacity:
             paths["capacity"] = figures.hat_capacity(hat_result.capacity, out / f"{stem}_hat_capacity.png",
                                                      title=f"HAT on {name}, seed {hat_result.seed}")

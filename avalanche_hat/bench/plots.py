@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def accuracy_matrices(results, path: Path, title: str = "") -> Path:
+def accuracy_matrices(results, path: Path, title: str = "", vmin: float = 50.0) -> Path:
     """One heat map per method: row i = after training task i, column j = accuracy on task j (%).
-    The cells of tasks not yet learned are greyed (their head is untrained)."""
+    The cells of tasks not yet learned are greyed (their head is untrained). The colour scale starts
+    at ``vmin`` (50: chance of a 2-class task; 0 for class-incremental accuracy)."""
     n = len(results)
     cols = min(4, n)
     rows = math.ceil(n / cols)
@@ -28,13 +29,13 @@ def accuracy_matrices(results, path: Path, title: str = "") -> Path:
         shown = np.ma.masked_array(m, mask=np.zeros_like(m, dtype=bool))
         if not joint:
             shown.mask = np.triu(np.ones_like(m, dtype=bool), k=1)  # tasks not learned yet
-        ax.imshow(shown, cmap=cmap, vmin=50, vmax=100, aspect="auto")
+        ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=100, aspect="auto")
         ax.set_facecolor("#eeeeee")
         for i in range(m.shape[0]):
             for j in range(t):
                 if joint or j <= i:
                     ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if m[i, j] < 80 else "black")
+                            color="white" if m[i, j] < vmin + 0.6 * (100 - vmin) else "black")
         ax.set_xticks(range(t))
         ax.set_xticklabels([str(j) for j in range(t)], fontsize=7)
         ax.set_yticks(range(m.shape[0]))
@@ -42,7 +43,7 @@ def accuracy_matrices(results, path: Path, title: str = "") -> Path:
         ax.set_xlabel("evaluated on task", fontsize=8)
         ax.set_ylabel("joint training" if joint else "after training task", fontsize=8)
         ax.set_title(f"{r.method}: ACC {100 * r.acc:.2f}%", fontsize=9)
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(50, 100))
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, 100))
     fig.colorbar(sm, ax=axes, shrink=0.8, label="accuracy (%)")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -138,7 +138,9 @@ def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[Metho
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{stem}.{k}" for k in ("md", "csv", "json")}
 
-    md = [f"# Leaderboard: {config.get('benchmark', {}).get('benchmark', '?')}", "",
+    bench = config.get("benchmark", {})
+    setting = f" ({bench['scenario']})" if bench.get("scenario", "task-incremental") != "task-incremental" else ""
+    md = [f"# Leaderboard: {bench.get('benchmark', '?')}{setting}", "",
           f"Command: `{config.get('command', '')}`", "", markdown_table(rows), "",
           "ACC: mean final accuracy over tasks. BWT: mean over tasks 0..T-2 of (final accuracy - accuracy "
           "right after learning the task). Forgetting: mean over tasks 0..T-2 of (best accuracy before the "
