@@ -10,6 +10,13 @@ grouped convolution, a batch norm over stacked statistics), and a layer whose in
 on the task (the first one) runs once for all of them. The core layers are used as they are; nothing
 in them changes.
 
+Cost (``benchmarks/task_inference_cost.py``, one CPU thread, ``benchmarks/results/task_inference_cost.json``):
+the work is inherently about ``T`` times one task's forward, since every task's masks differ. The
+batched pass beats ``T`` separate forwards on the leaderboard's MLP (first layer shared) and small
+CNN, but not on a ResNet-18 at 32x32 on the CPU, where convolutions over ``T x B`` samples run slower
+per sample than ``T`` convolutions over ``B`` and vmap adds layout copies around the batch norms:
+there ``batched=False`` (``HATClassIncrementalModel.batched = False``) is the faster choice.
+
 The contract: all per-task state lives in HAT layers (``mask_embedding``) and task-indexed modules
 (``copies``), as in every network built from :mod:`avalanche_hat.modules` and
 :mod:`avalanche_hat.timm_models`. A network keeping other per-task state (e.g. a plain
