@@ -43,7 +43,7 @@ from ..config import HATConfig
 from ..modules import TaskIndexedLinear
 from ..network import trained_tasks
 from ..payload import HATPayload
-from .model import check_no_lazy_modules, network_hat_config
+from .model import backbone_hat_config
 from .task_inference import batched_matches_loop, for_each_task
 
 SCORES = ("msp", "energy", "entropy", "reject", "mahalanobis")
@@ -172,17 +172,7 @@ class HATClassIncrementalModel(MultiTaskModule):
         batched: bool = True,
     ) -> None:
         super().__init__()
-        found = network_hat_config(backbone)
-        if hat_config is None:
-            hat_config = getattr(backbone, "hat_config", None) or found
-        if not isinstance(hat_config, HATConfig):
-            raise TypeError(f"hat_config must be a HATConfig, got {type(hat_config).__name__}")
-        if hat_config.num_tasks != found.num_tasks:
-            raise ValueError(
-                f"hat_config has num_tasks={hat_config.num_tasks} but the backbone's HAT layers were built "
-                f"for {found.num_tasks}: pass the config the backbone was built with (or omit hat_config)"
-            )
-        check_no_lazy_modules(backbone)
+        hat_config = backbone_hat_config(backbone, hat_config)
         if (getattr(backbone, "num_classes", None) or 0) > 0:
             raise ValueError(
                 f"{type(backbone).__name__} already ends in a classifier: create it with num_classes=0 so "

@@ -43,6 +43,23 @@ def check_no_lazy_modules(model: nn.Module) -> None:
 _NO_TASK_LABELS = object()
 
 
+def backbone_hat_config(backbone: nn.Module, hat_config: HATConfig | None) -> HATConfig:
+    """The HATConfig of a backbone wrapped into a multi-task model: ``hat_config`` if given (it must
+    match the backbone's HAT layers), else the backbone's own. Refuses lazily growing modules."""
+    found = network_hat_config(backbone)
+    if hat_config is None:
+        hat_config = getattr(backbone, "hat_config", None) or found
+    if not isinstance(hat_config, HATConfig):
+        raise TypeError(f"hat_config must be a HATConfig, got {type(hat_config).__name__}")
+    if hat_config.num_tasks != found.num_tasks:
+        raise ValueError(
+            f"hat_config has num_tasks={hat_config.num_tasks} but the backbone's HAT layers were built "
+            f"for {found.num_tasks}: pass the config the backbone was built with (or omit hat_config)"
+        )
+    check_no_lazy_modules(backbone)
+    return hat_config
+
+
 class HATMultiTaskModel(MultiTaskModule):
     """A HAT network as an Avalanche multi-task model (task-incremental learning, one head per task).
 
@@ -70,17 +87,7 @@ class HATMultiTaskModel(MultiTaskModule):
         num_features: int | None = None,
     ) -> None:
         super().__init__()
-        found = network_hat_config(backbone)
-        if hat_config is None:
-            hat_config = getattr(backbone, "hat_config", None) or found
-        if not isinstance(hat_config, HATConfig):
-            raise TypeError(f"hat_config must be a HATConfig, got {type(hat_config).__name__}")
-        if hat_config.num_tasks != found.num_tasks:
-            raise ValueError(
-                f"hat_config has num_tasks={hat_config.num_tasks} but the backbone's HAT layers were built "
-                f"for {found.num_tasks}: pass the config the backbone was built with (or omit hat_config)"
-            )
-        check_no_lazy_modules(backbone)
+        hat_config = backbone_hat_config(backbone, hat_config)
         self.backbone = backbone
         self.hat_config = hat_config
         self.mask_scale: float | None = None
