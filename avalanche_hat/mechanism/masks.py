@@ -33,12 +33,19 @@ class _SoftMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mask: torch.Tensor):
         (embedding,) = ctx.saved_tensors
-        work = torch.promote_types(embedding.dtype, torch.float32)  # half precision computes in float32
-        e = embedding.to(work)
-        factor = ctx.max_scale / (2.0 * (torch.cosh(e) + 1.0))
-        if ctx.saturation is not None:
-            factor = factor * torch.exp((ctx.saturation - (ctx.scale * e).abs()).clamp_max(0.0))
-        return (grad_mask.to(work) * factor).to(embedding.dtype), None, None, None
+        return compensated_grad(grad_mask, embedding, ctx.scale, ctx.max_scale, ctx.saturation), None, None, None
+
+
+def compensated_grad(grad_mask, embedding, scale: float, max_scale: float, saturation: float | None):
+    """``dL/de`` of Eq. 3 from ``dL/da``: ``dL/da * s_max / (2 (cosh(e) + 1))``, times
+    ``exp(min(0, saturation - |s e|))`` (the original code's clamp). Few in-place operations: this
+    runs in every training step of every HAT layer."""
+    work = torch.promote_types(embedding.dtype, torch.float32)  # half precision computes in float32
+    e = embedding.detach().to(work, copy=True).abs_()
+    factor = torch.cosh(e).add_(1.0).reciprocal_()
+    if saturation is not None:
+        factor.mul_(e.mul_(-scale).add_(saturation).clamp_max_(0.0).exp_())
+    return grad_mask.to(work).mul(factor).mul_(0.5 * max_scale).to(embedding.dtype)
 
 
 def soft_mask(
@@ -134,12 +141,14 @@ def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | Non
     a 0/1 vector in the embedding's dtype. Sequential training (tasks ``0..t-1`` trained) gives the
     paper's ``a^{<t}``; retraining task ``t`` later protects every other trained task.
     """
-    protected = trained
-    if task_id is not None:
-        others = torch.arange(trained.numel(), device=trained.device) != task_id
-        protected = trained & others
-    owned = ((embedding.detach() > 0) & protected.unsqueeze(1)).any(dim=0)
-    return owned.to(embedding.dtype)
+    if task_id is None:
+        protected = trained
+    else:
+        protected = trained.clone()
+        protected[task_id] = False
+    # A product with the 0/1 matrix of switched-on units counts the protecting tasks of each unit.
+    on = (embedding.detach() > 0).to(embedding.dtype)
+    return torch.mv(on.t(), protected.to(embedding.dtype)).clamp_max_(1.0)
 
 
 def nullification_factor(
