@@ -104,7 +104,8 @@ class HATPayload:
         """The tensor with the pending mask applied."""
         if self._mask is None:
             return self._data
-        return self._data * _along(self._mask.to(self._data.dtype), self.mask_dim, self._data.ndim)
+        mask = self._mask if self._mask.dtype == self._data.dtype else self._mask.to(self._data.dtype)
+        return self._data * _along(mask, self.mask_dim, self._data.ndim)
 
     @property
     def unmasked_data(self) -> torch.Tensor:

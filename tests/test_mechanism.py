@@ -194,3 +194,33 @@ def test_fused_linear_gradients_are_equation_2(samples, input_ownership):
     torch.testing.assert_close(gw, w.grad * (1 - torch.minimum(out_owned[:, None], owned_in[None, :])))
     torch.testing.assert_close(gb, b.grad * (1 - out_owned))
     torch.testing.assert_close(gx, x.grad)  # the input gradient is never nullified
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+@pytest.mark.parametrize("scale", [0.5, 40.0])  # at 40, |s e| passes the saturation clamp of 50
+def test_one_node_linear_step_equals_layer_plus_soft_mask(compensate, scale):
+    """HATLinear's training step runs as one autograd node; it must compute what the separate
+    pieces (linear with Eq. 2, then the soft mask with or without Eq. 3) compute."""
+    from avalanche_hat.mechanism.masks import masked_nullified_linear, nullified_linear
+
+    torch.manual_seed(0)
+    emb = (torch.randn(3, 6, dtype=torch.float64) * 3).requires_grad_()
+    x = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    owned = torch.tensor([1.0, 0, 0, 1, 0, 0], dtype=torch.float64)
+    c = torch.randn(10, 6, dtype=torch.float64)
+    out, mask = masked_nullified_linear(x, w, b, emb, owned, None, 1, scale, S_MAX, compensate, 50.0)
+    (out * mask * c).sum().backward()
+    fused = [t.grad.clone() for t in (x, w, b, emb)]
+    for t in (x, w, b, emb):
+        t.grad = None
+    ref_mask = soft_mask(emb[1], scale, S_MAX, compensate, 50.0)
+    (nullified_linear(x, w, b, owned, None) * ref_mask * c).sum().backward()
+    for got, t in zip(fused, (x, w, b, emb)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(fused[3][[0, 2]]) == 0 and torch.count_nonzero(fused[3][1]) > 0
+    if not compensate:  # then it is the plain derivative of sigmoid(s e)
+        e = emb.detach()[1].clone().requires_grad_()
+        (torch.sigmoid(scale * e) * (out.detach() * c).sum(0)).sum().backward()
+        torch.testing.assert_close(fused[3][1], e.grad, rtol=1e-12, atol=1e-12)

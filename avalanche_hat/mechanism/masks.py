@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the dispatch when it already has it (these run every step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class _SoftMask(torch.autograd.Function):
     """``a = sigmoid(s * e)`` whose backward is the compensated gradient of Eq. 3.
 
@@ -45,7 +50,7 @@ def compensated_grad(grad_mask, embedding, scale: float, max_scale: float, satur
     factor = torch.cosh(e).add_(1.0).reciprocal_()
     if saturation is not None:
         factor.mul_(e.mul_(-scale).add_(saturation).clamp_max_(0.0).exp_())
-    return grad_mask.to(work).mul(factor).mul_(0.5 * max_scale).to(embedding.dtype)
+    return _as(_as(grad_mask, work).mul(factor).mul_(0.5 * max_scale), embedding.dtype)
 
 
 def soft_mask(
@@ -74,7 +79,7 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (factor,) = ctx.saved_tensors
-        return grad * factor.to(grad.dtype), None
+        return grad * _as(factor, grad.dtype), None
 
 
 def scale_grad(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -87,8 +92,30 @@ def nullify_linear_grad_(grad_w: torch.Tensor, out_owned: torch.Tensor, in_owned
     in floating point: rows of owned outputs are zeroed where their input is owned too (all of
     the row when the input ownership is unknown)."""
     if in_owned is None:
-        return grad_w.mul_((1.0 - out_owned).to(grad_w.dtype).unsqueeze(1))
+        return grad_w.mul_(_as(1.0 - out_owned, grad_w.dtype).unsqueeze(1))
     return grad_w.masked_fill_((out_owned > 0).unsqueeze(1) & (in_owned > 0).unsqueeze(0), 0.0)
+
+
+def _nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned, weight_index=1, bias_index=2):
+    """Input, weight and bias gradients of ``F.linear``, the last two with Eq. 2 applied."""
+    grad_x = grad_w = grad_b = None
+    dtype = grad.dtype  # under autocast the saved tensors may be in another precision
+    if ctx.needs_input_grad[0]:
+        grad_x = _as(grad.matmul(_as(weight, dtype)), x.dtype)
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    keep_rows = _as(1.0 - out_owned, dtype)
+    if ctx.needs_input_grad[weight_index]:
+        x2d = _as(x.reshape(-1, x.shape[-1]), dtype)
+        if in_owned is None and grad2d.shape[0] < x2d.shape[1]:
+            # Whole rows are frozen: scaling the (samples x out) output gradient is cheaper than
+            # a pass over the (out x in) weight gradient when there are fewer samples than inputs.
+            grad_w = (grad2d * keep_rows).t().mm(x2d)
+        else:
+            grad_w = nullify_linear_grad_(grad2d.t().mm(x2d), out_owned, in_owned)
+        grad_w = _as(grad_w, weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[bias_index]:
+        grad_b = _as(grad2d.sum(0).mul_(keep_rows), weight.dtype)
+    return grad_x, grad_w, grad_b
 
 
 class _NullifiedLinear(torch.autograd.Function):
@@ -108,30 +135,53 @@ class _NullifiedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, out_owned, in_owned = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        dtype = grad.dtype  # under autocast the saved tensors may be in another precision
-        if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(weight.to(dtype)).to(x.dtype)
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        keep_rows = (1.0 - out_owned).to(dtype)
-        if ctx.needs_input_grad[1]:
-            if in_owned is None and grad2d.shape[0] < x2d.shape[1]:
-                # Whole rows are frozen: scaling the (samples x out) output gradient is cheaper than
-                # a pass over the (out x in) weight gradient when there are fewer samples than inputs.
-                grad_w = (grad2d * keep_rows).t().mm(x2d)
-            else:
-                grad_w = nullify_linear_grad_(grad2d.t().mm(x2d), out_owned, in_owned)
-            grad_w = grad_w.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad2d.sum(0).mul_(keep_rows).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return *_nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned), None, None
 
 
 def nullified_linear(x, weight, bias, out_owned, in_owned):
     """``F.linear(x, weight, bias)`` with Eq. 2 applied to the weight and bias gradients, given the
     0/1 ownership of the output units and of the inputs (``None``: unknown, all count as owned)."""
     return _NullifiedLinear.apply(x, weight, bias, out_owned, in_owned)
+
+
+class _MaskedNullifiedLinear(torch.autograd.Function):
+    """One autograd node for a HAT linear layer's training step: ``F.linear`` with Eq. 2 on the
+    weight and bias gradients, and the task's soft mask ``sigmoid(s e_t)`` (Eq. 1) with its
+    compensated gradient (Eq. 3). Returns ``(output, mask)``; the mask stays pending on the payload.
+    The same arithmetic as :func:`nullified_linear` plus :func:`soft_mask`, with one node instead of
+    three (the mask, the row of the embedding, the layer): a layer's fixed cost per step is small
+    operations and their bookkeeping."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, embedding, out_owned, in_owned, task_id, scale, max_scale, compensate, saturation):
+        mask = torch.sigmoid(embedding[task_id] * scale)
+        ctx.save_for_backward(x, weight, out_owned, in_owned, embedding, mask)
+        ctx.has_bias = bias is not None
+        ctx.hat = (task_id, scale, max_scale, compensate, saturation)
+        return torch.nn.functional.linear(x, weight, bias), mask
+
+    @staticmethod
+    def backward(ctx, grad, grad_mask):
+        x, weight, out_owned, in_owned, embedding, mask = ctx.saved_tensors
+        grad_x, grad_w, grad_b = _nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned)
+        grad_e = None
+        if ctx.needs_input_grad[3]:
+            task_id, scale, max_scale, compensate, saturation = ctx.hat
+            if compensate:
+                row = compensated_grad(grad_mask, embedding[task_id], scale, max_scale, saturation)
+            else:
+                row = grad_mask * mask * (1.0 - mask) * scale
+            grad_e = torch.zeros_like(embedding)
+            grad_e[task_id] = row
+        return grad_x, grad_w, grad_b, grad_e, None, None, None, None, None, None, None
+
+
+def masked_nullified_linear(x, weight, bias, embedding, out_owned, in_owned, task_id: int, scale: float,
+                            max_scale: float, compensate: bool = True, saturation: float | None = 50.0):
+    """``(F.linear(x, weight, bias), sigmoid(scale * embedding[task_id]))`` in one autograd node, with
+    Eq. 2 on the weight and bias gradients and Eq. 3 on the embedding's (see :func:`soft_mask`)."""
+    return _MaskedNullifiedLinear.apply(x, weight, bias, embedding, out_owned, in_owned, task_id, float(scale),
+                                        float(max_scale), compensate, saturation)
 
 
 def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None) -> torch.Tensor:

@@ -70,18 +70,20 @@ class HATModule(nn.Module):
         """0/1 per unit: owned by a trained task other than ``task_id`` (Eq. 2's ``a^{<t}``)."""
         return ownership(self.mask_embedding, self.hat_trained, task_id)
 
-    @torch.no_grad()
     def clamp_embedding_(self) -> None:
         c = self.hat_config.embedding_clamp
-        self.mask_embedding.data.clamp_(-c, c)
+        self.mask_embedding.data.clamp_(-c, c)  # .data: outside autograd, no no_grad context needed
 
     # --------------------------------------------------------------------------- forward
-    def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1, nullified=None) -> HATPayload:
+    def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1, nullified=None,
+                     masked_nullified=None) -> HATPayload:
         """Shared forward: checks, Eq. 2 on weight and bias, the layer itself, the pending mask.
 
         ``compute(x, weight, bias)`` is the plain layer; ``nullified(x, weight, bias, out_owned,
         in_owned)``, if given, is a fused version applying Eq. 2 in its own backward from the 0/1
-        ownership of the output units and of the inputs (``None``: unknown)."""
+        ownership of the output units and of the inputs (``None``: unknown); ``masked_nullified(x,
+        weight, bias, out_owned, in_owned, task_id, scale)`` also computes the soft mask (one autograd
+        node for the whole training step) and returns ``(output, mask)``."""
         payload = as_payload(self, payload)
         task_id, scale = payload.task_id, payload.mask_scale
         self.hat_config.check_task_id(task_id)
@@ -110,6 +112,9 @@ class HATModule(nn.Module):
             in_owned = payload.ownership
             if in_owned is not None and (payload.mask_dim != in_axis % x.ndim or in_owned.numel() != in_units):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
+            if masked_nullified is not None and scale is not None:
+                out, mask = masked_nullified(x, weight, bias, owned, in_owned, task_id, scale)
+                return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)
             if nullified is not None:
                 out = nullified(x, weight, bias, owned, in_owned)
             else:
@@ -124,7 +129,9 @@ class HATModule(nn.Module):
 
     def _warn_unmarked_task(self, task_id: int) -> None:
         last = self._last_training_task
-        if last is not None and last != task_id and not bool(self.hat_trained[last]):
+        if last == task_id:
+            return
+        if last is not None and not bool(self.hat_trained[last]):
             warnings.warn(
                 f"training task {task_id} after task {last}, which was never marked trained: its "
                 f"units are not protected. Call avalanche_hat.mark_task_trained(model, {last}) when a "

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HATConfig
-from ..mechanism.masks import nullified_linear
+from ..mechanism.masks import masked_nullified_linear, nullified_linear
 from ..payload import HATPayload
 from .base import HATModule
 
@@ -25,7 +25,13 @@ class HATLinear(nn.Linear, HATModule):
         self._init_hat(hat_config, out_features, device, dtype)
 
     def forward(self, payload: HATPayload) -> HATPayload:
-        return self._hat_forward(payload, F.linear, self.in_features, -1, nullified=nullified_linear)
+        return self._hat_forward(payload, F.linear, self.in_features, -1, nullified=nullified_linear,
+                                 masked_nullified=self._masked_nullified)
+
+    def _masked_nullified(self, x, weight, bias, out_owned, in_owned, task_id, scale):
+        cfg = self.hat_config
+        return masked_nullified_linear(x, weight, bias, self.mask_embedding, out_owned, in_owned, task_id, scale,
+                                       cfg.max_mask_scale, cfg.gradient_compensation, cfg.compensation_clamp)
 
     @classmethod
     def from_base_module(cls, module: nn.Linear, hat_config: HATConfig) -> "HATLinear":
