@@ -14,6 +14,7 @@ from .network import (
     hat_param_groups,
     hat_regularization,
     mark_task_trained,
+    recorded_masks,
     trained_tasks,
 )
 from .payload import HATPayload
@@ -38,6 +39,6 @@ def __getattr__(name: str):
 __all__ = [
     "HATConfig", "HATPayload", "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
     "ConstantMaskScale", "CosineMaskScale", "LinearMaskScale", "MaskScaleSchedule",
-    "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "trained_tasks",
+    "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",
 ]

@@ -1,13 +1,14 @@
 """Operations on a whole HAT network: which tasks are trained, regularisation, embedding clamps."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .mechanism.regularization import global_usage_penalty, layerwise_usage_penalty
-from .modules.base import HATModule
+from .modules.base import MASK_RECORD, HATModule
 
 
 def hat_modules(module: nn.Module) -> Iterator[tuple[str, HATModule]]:
@@ -56,6 +57,7 @@ def hat_regularization(
     *,
     kind: str = "layerwise",
     quota: float | None = None,
+    recorded: dict | None = None,
 ) -> torch.Tensor:
     """The mask-usage penalty of task ``task_id`` at ``mask_scale``.
 
@@ -63,9 +65,18 @@ def hat_regularization(
     a quota (default ``1 / num_tasks``), clipped at 0, summed over layers. ``kind="global"``: the
     original HAT ratio over all layers together (no quota). Multiply by a coefficient yourself
     (the HATPlugin does).
+
+    ``recorded``: what :func:`recorded_masks` collected during this step's forward; the layers found
+    there reuse its masks and ownership instead of computing them again (same value, same gradient).
     """
     layers = _require_hat(module)
-    pairs = [(layer.mask(task_id, mask_scale), layer.ownership(task_id)) for layer in layers]
+    pairs = []
+    for layer in layers:
+        seen = recorded.get(id(layer)) if recorded is not None else None
+        if seen is not None and seen[0] == task_id and seen[1] == mask_scale:
+            pairs.append(seen[2:])  # the mask and ownership this step's forward used
+        else:
+            pairs.append((layer.mask(task_id, mask_scale), layer.ownership(task_id)))
     if kind == "layerwise":
         if quota is None:
             quota = 1.0 / layers[0].hat_config.num_tasks
@@ -73,6 +84,26 @@ def hat_regularization(
     if kind == "global":
         return global_usage_penalty(pairs)
     raise ValueError(f"unknown regularisation kind {kind!r}: use 'layerwise' (HAT-CL) or 'global' (original HAT)")
+
+
+@contextlib.contextmanager
+def recorded_masks() -> Iterator[dict]:
+    """Collect the soft mask and ownership each HAT layer computes in its training forward::
+
+        with recorded_masks() as masks:
+            out = model(HATPayload(x, task_id=t, mask_scale=s)).data
+        loss = criterion(out, y) + c * hat_regularization(model, t, s, recorded=masks)
+
+    Each layer's mask then serves both the forward and the regulariser: a layer's mask, ownership
+    and compensated mask gradient are computed once per step instead of twice. Nothing outlives the
+    block (a layer records only its first forward in it; forwards outside it record nothing).
+    """
+    record: dict = {}
+    token = MASK_RECORD.set(record)
+    try:
+        yield record
+    finally:
+        MASK_RECORD.reset(token)
 
 
 def hat_param_groups(module: nn.Module, embedding_lr: float | None = None) -> list[dict]:

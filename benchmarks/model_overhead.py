@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import timm
 
-from avalanche_hat import HATConfig, hat_regularization, mark_task_trained
+from avalanche_hat import HATConfig, hat_regularization, mark_task_trained, recorded_masks
 import avalanche_hat.timm_models  # noqa: F401  (registers the models)
 from avalanche_hat.timm_models import PLAIN_TWINS
 
@@ -75,10 +75,11 @@ def train_step_fn(model, x, y, hat: bool):
     def step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        if hat:
-            loss = F.cross_entropy(model(x, task_id=1, mask_scale=MASK_SCALE), y)
+        if hat:  # as the HATPlugin does: the regulariser reuses the masks of the forward
+            with recorded_masks() as masks:
+                loss = F.cross_entropy(model(x, task_id=1, mask_scale=MASK_SCALE), y)
             if WITH_REG:
-                loss = loss + REG * hat_regularization(model, 1, MASK_SCALE)
+                loss = loss + REG * hat_regularization(model, 1, MASK_SCALE, recorded=masks)
         else:
             loss = F.cross_entropy(model(x), y)
         loss.backward()

@@ -224,3 +224,51 @@ def test_one_node_linear_step_equals_layer_plus_soft_mask(compensate, scale):
         e = emb.detach()[1].clone().requires_grad_()
         (torch.sigmoid(scale * e) * (out.detach() * c).sum(0)).sum().backward()
         torch.testing.assert_close(fused[3][1], e.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["layerwise", "global"])
+def test_regulariser_reuses_the_forwards_masks_with_the_same_value_and_gradients(kind):
+    """recorded_masks() lets the regulariser use the masks the forward computed: same loss, same
+    gradients as computing them again; a layer not in the record (and any scale or task mismatch)
+    falls back to computing; nothing is recorded outside the block."""
+    from avalanche_hat import recorded_masks
+    from avalanche_hat.modules import HATConv1d
+
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=3)
+    net = TinyMLP(cfg).double()
+    net.unused = HATConv1d(2, 2, 1, cfg).double()  # never runs in forward
+    with torch.no_grad():
+        for layer in (net.fc1, net.fc2, net.unused):
+            layer.mask_embedding.copy_(torch.randn_like(layer.mask_embedding))
+    mark_task_trained(net, 0)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    s = 3.0
+
+    def step(reuse):
+        net.zero_grad()
+        if reuse:
+            with recorded_masks() as masks:
+                out = net(x, 1, s)
+            assert set(masks) == {id(net.fc1), id(net.fc2)}
+        else:
+            out, masks = net(x, 1, s), None
+        loss = out.square().sum() + 0.75 * hat_regularization(net, 1, s, kind=kind, recorded=masks)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    loss_a, grads_a = step(False)
+    loss_b, grads_b = step(True)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with recorded_masks() as masks:
+        net(x, 1, s)
+    stale = dict(masks)
+    net(x, 1, s)  # outside the block
+    assert masks == stale
+    # A record from another scale is not used.
+    with torch.no_grad():
+        ref = hat_regularization(net, 1, 5.0, kind=kind)
+        assert hat_regularization(net, 1, 5.0, kind=kind, recorded=stale).item() == ref.item()

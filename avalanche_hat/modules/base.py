@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -9,6 +10,11 @@ from torch import nn
 from ..config import HATConfig
 from ..mechanism.masks import binary_mask, nullification_factor, ownership, scale_grad, soft_mask
 from ..payload import HATPayload
+
+
+# The open ``recorded_masks()`` block, if any (see avalanche_hat.network): the training forward of a
+# HAT layer leaves its soft mask and ownership there for the regulariser. Scoped to the block.
+MASK_RECORD: ContextVar["dict | None"] = ContextVar("avalanche_hat_mask_record", default=None)
 
 
 def as_payload(module: nn.Module, x) -> HATPayload:
@@ -114,6 +120,7 @@ class HATModule(nn.Module):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
             if masked_nullified is not None and scale is not None:
                 out, mask = masked_nullified(x, weight, bias, owned, in_owned, task_id, scale)
+                self._record(task_id, scale, mask, owned)
                 return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)
             if nullified is not None:
                 out = nullified(x, weight, bias, owned, in_owned)
@@ -125,7 +132,14 @@ class HATModule(nn.Module):
         else:
             out = compute(x, weight, bias)
         mask = self.mask(task_id, scale)
+        if owned is not None and scale is not None:
+            self._record(task_id, scale, mask, owned)
         return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)
+
+    def _record(self, task_id: int, scale: float, mask: torch.Tensor, owned: torch.Tensor) -> None:
+        record = MASK_RECORD.get()
+        if record is not None:
+            record.setdefault(id(self), (task_id, scale, mask, owned))
 
     def _warn_unmarked_task(self, task_id: int) -> None:
         last = self._last_training_task

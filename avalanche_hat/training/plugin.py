@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..mechanism.schedules import MaskScaleSchedule, make_schedule
 from ..modules import HATModule, TaskIndexedLinear
-from ..network import clamp_embeddings_, hat_regularization, mark_task_trained, trained_tasks
+from ..network import clamp_embeddings_, hat_regularization, mark_task_trained, recorded_masks, trained_tasks
 from .checkpoint import make_optimizers_picklable
 from .class_incremental import transformed_negatives
 from .model import network_hat_config
@@ -176,6 +176,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         model = check_hat_model(strategy.model)
         check_optimizer(strategy.optimizer)
         self._real_batch = self._negative_logits = None
+        self._recording = self._masks = None  # the forward's masks, reused by the regulariser
         self._class_incremental_exp = self._is_class_incremental(model)
         if self._class_incremental_exp:
             starts_task = True
@@ -355,8 +356,13 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         unwrap_model(strategy.model).mask_scale = self._schedule.at(batch, self._unit_batches)
 
     def before_forward(self, strategy, **kwargs) -> None:
-        """Class-incremental mode with a reject head: append one transformed negative per sample,
-        labelled with the reject output (index ``num_classes``)."""
+        """Record the masks the forward computes (the regulariser reuses them). Class-incremental
+        mode with a reject head: append one transformed negative per sample, labelled with the reject
+        output (index ``num_classes``)."""
+        self._stop_recording()  # a forward that raised never reached after_forward
+        if self.reg_coef:
+            self._recording = recorded_masks()
+            self._masks = self._recording.__enter__()
         model = unwrap_model(strategy.model)
         if not (self._class_incremental_exp and model.reject_head and model.reject_coef > 0):
             return
@@ -367,8 +373,14 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
                            *(torch.cat([b, b]) for b in batch[2:])]
         self._real_batch = batch
 
+    def _stop_recording(self) -> None:
+        if self._recording is not None:
+            self._recording.__exit__(None, None, None)
+            self._recording = None
+
     def after_forward(self, strategy, **kwargs) -> None:
         """Split the negatives' logits off: the criterion and the metrics see the real minibatch."""
+        self._stop_recording()
         if self._real_batch is None:
             return
         n = len(self._real_batch[0])
@@ -384,8 +396,10 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             strategy.loss += model.reject_coef * F.cross_entropy(negatives, target)
         scale = model.mask_scale
         if self.reg_coef:
-            penalty = hat_regularization(model, self.task_id, scale, kind=self.regularization, quota=self.quota)
+            penalty = hat_regularization(model, self.task_id, scale, kind=self.regularization, quota=self.quota,
+                                         recorded=self._masks)
             strategy.loss += self.reg_coef * penalty
+        self._masks = None
         if self.weight_decay:
             strategy.loss += 0.5 * self.weight_decay * ownership_respecting_l2(model, self.task_id)
 
