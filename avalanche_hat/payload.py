@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .mechanism.masks import _as
+
 # Modules that map 0 to 0 unit by unit and keep the unit axis: units that earlier tasks do not own
 # stay exactly 0 through them, so the ownership of the units carries over (for the input side of
 # Eq. 2). Anything else drops it, and the next HAT layer counts all of its inputs as owned (safe).
@@ -104,8 +106,7 @@ class HATPayload:
         """The tensor with the pending mask applied."""
         if self._mask is None:
             return self._data
-        mask = self._mask if self._mask.dtype == self._data.dtype else self._mask.to(self._data.dtype)
-        return self._data * _along(mask, self.mask_dim, self._data.ndim)
+        return self._data * _along(_as(self._mask, self._data.dtype), self.mask_dim, self._data.ndim)
 
     @property
     def unmasked_data(self) -> torch.Tensor:
