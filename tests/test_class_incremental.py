@@ -22,15 +22,7 @@ from avalanche_hat.training.class_incremental import SCORES, UNSEEN_LOGIT
 
 from cifar_fixtures import TinyHATNet, exact_eval_metrics, tensor_benchmark
 
-pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"), pytest.mark.usefixtures("one_thread")]
 
 
 def cil_strategy(num_tasks=3, epochs=4, plugins=None, **model_kwargs):

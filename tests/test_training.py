@@ -26,16 +26,7 @@ from avalanche_hat.training import HATCapacityMetric, HATCSVLogger, default_hat_
 
 from cifar_fixtures import TinyHATNet, exact_eval_metrics, tensor_benchmark
 
-pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: one thread is several times faster (and deterministic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"), pytest.mark.usefixtures("one_thread")]
 
 
 def sgd(model):

@@ -23,16 +23,9 @@ from cifar_fixtures import (
     tensor_benchmark, write_cifar10, write_cifar100, write_fashion_mnist,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"), pytest.mark.usefixtures("one_thread")]
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
