@@ -43,7 +43,7 @@ from ..config import HATConfig
 from ..modules import TaskIndexedLinear
 from ..network import trained_tasks
 from ..payload import HATPayload
-from .model import backbone_hat_config
+from .model import backbone_hat_config, check_task_in_range
 from .task_inference import batched_matches_loop, for_each_task
 
 SCORES = ("msp", "energy", "entropy", "reject", "mahalanobis")
@@ -247,14 +247,7 @@ class HATClassIncrementalModel(MultiTaskModule):
                      and (s != "mahalanobis" or self.feature_statistics))
 
     def check_task_label(self, task_label: int) -> int:
-        task = int(task_label)
-        if not 0 <= task < self.hat_config.num_tasks:
-            raise ValueError(
-                f"experience {task} is beyond the {self.hat_config.num_tasks} tasks this HAT model was built "
-                f"for: build the network with HATConfig(num_tasks=...) at least as large as the number of "
-                "experiences in the stream"
-            )
-        return task
+        return check_task_in_range(self.hat_config, task_label, "experience")
 
     def classes_of(self, task: int) -> list[int]:
         """The global class ids of ``task`` (its head's outputs in this order)."""

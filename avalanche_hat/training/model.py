@@ -60,6 +60,18 @@ def backbone_hat_config(backbone: nn.Module, hat_config: HATConfig | None) -> HA
     return hat_config
 
 
+def check_task_in_range(hat_config, task_label, what: str = "task label") -> int:
+    """``int(task_label)``, or a clear error if the HAT model has no task of that index."""
+    task = int(task_label)
+    if not 0 <= task < hat_config.num_tasks:
+        raise ValueError(
+            f"{what} {task} is outside the {hat_config.num_tasks} tasks this HAT model was built for "
+            f"(task ids 0..{hat_config.num_tasks - 1}): build the network with HATConfig(num_tasks=...) "
+            f"at least as large as the number of {what.split()[0]}s in the stream"
+        )
+    return task
+
+
 class HATMultiTaskModel(MultiTaskModule):
     """A HAT network as an Avalanche multi-task model (task-incremental learning, one head per task).
 
@@ -123,14 +135,7 @@ class HATMultiTaskModel(MultiTaskModule):
 
     # ------------------------------------------------------------------------------ checks
     def check_task_label(self, task_label: int) -> int:
-        task = int(task_label)
-        if not 0 <= task < self.hat_config.num_tasks:
-            raise ValueError(
-                f"task label {task} is outside the {self.hat_config.num_tasks} tasks this HAT model was "
-                f"built for (task ids 0..{self.hat_config.num_tasks - 1}): build the network with "
-                "HATConfig(num_tasks=...) at least as large as the number of tasks in the stream"
-            )
-        return task
+        return check_task_in_range(self.hat_config, task_label)
 
     def adaptation(self, experience) -> None:
         """Avalanche's model adaptation: nothing is created (every head exists already); task labels
