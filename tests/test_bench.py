@@ -322,3 +322,21 @@ def test_cifar_without_data_or_network_gives_a_clear_error(tmp_path, monkeypatch
     with pytest.raises(DataNotFound, match="--data-root"):
         make_benchmark("cifar10", data_root=tmp_path)
     assert cli.main(["--benchmark", "cifar10", "--data-root", str(tmp_path), "--no-progress"]) == 2
+
+
+def test_paired_differences_against_hat():
+    from avalanche_hat.bench.report import aggregate, paired_differences
+
+    def result(method, seed, acc):
+        return MethodResult(method, seed, [[acc, acc]], 1.0, 1, 0.0, "", {})
+
+    runs = [result("HAT", 0, 0.90), result("HAT", 1, 0.80), result("HAT", 2, 0.85),
+            result("EWC", 0, 0.89), result("EWC", 1, 0.78), result("EWC", 2, 0.85),
+            result("LwF", 1, 0.81), result("Naive", 0, 0.5)]
+    pairs = {p["method"]: p for p in paired_differences(aggregate(runs))}
+    assert set(pairs) == {"EWC"}  # LwF and Naive share fewer than 2 seeds with HAT
+    ewc = pairs["EWC"]
+    assert ewc["seeds"] == 3
+    assert ewc["mean"] == pytest.approx(1.0)  # (1 + 2 + 0) / 3 points
+    assert ewc["standard_error"] == pytest.approx(1.0 / 3 ** 0.5)
+    assert paired_differences(aggregate([r for r in runs if r.method != "HAT"])) == []

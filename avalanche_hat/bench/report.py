@@ -131,6 +131,35 @@ def environment() -> dict:
     }
 
 
+def paired_differences(rows: list[Row], reference: str = "HAT") -> list[dict]:
+    """ACC of ``reference`` minus each other method's, paired by seed (the seeds both ran): mean and
+    standard error in points. Paired by seed, the seed-to-seed spread the methods share cancels, so a
+    difference smaller than about two standard errors is a tie. Empty with fewer than 2 shared seeds."""
+    ref = next((row for row in rows if row.method == reference), None)
+    if ref is None:
+        return []
+    ref_acc = dict(zip(ref.seeds, ref.acc))
+    out = []
+    for row in rows:
+        if row is ref:
+            continue
+        diffs = [100.0 * (ref_acc[s] - a) for s, a in zip(row.seeds, row.acc) if s in ref_acc]
+        if len(diffs) < 2:
+            continue
+        out.append({"method": row.method, "seeds": len(diffs), "mean": float(np.mean(diffs)),
+                    "standard_error": float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))})
+    return out
+
+
+def paired_markdown(pairs: list[dict], reference: str = "HAT") -> str:
+    lines = [f"## {reference} minus each method, paired by seed", "",
+             f"ACC of {reference} minus the method's on the same seed, in points: mean (standard error) over "
+             "the seeds both ran. Within about two standard errors of 0 the two are tied on this benchmark.", "",
+             "| method | seeds | difference (points) |", "|---|---:|---:|"]
+    lines += [f"| {p['method']} | {p['seeds']} | {p['mean']:+.3f} ({p['standard_error']:.3f}) |" for p in pairs]
+    return "\n".join(lines)
+
+
 def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[MethodResult], config: dict,
                   extra_markdown: str = "", env: dict | None = None) -> dict[str, Path]:
     """``<stem>.md``, ``<stem>.csv``, ``<stem>.json`` in ``out_dir``; returns their paths. ``env``: the
@@ -148,6 +177,9 @@ def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[Metho
           "apply. In the BWT and forgetting columns only an exact 0 prints as 0.00; a value that merely rounds "
           f"to 0 keeps its sign (-0.00, +0.00). Peak memory: {results[0].memory_kind if results else ''}. "
           f"Seeds: {config.get('seeds')}; ± is the standard deviation over seeds.", ""]
+    pairs = paired_differences(rows)
+    if pairs:
+        md += [paired_markdown(pairs), ""]
     md += ["## Accuracy matrices (first seed)", ""]
     first_seed = results[0].seed if results else None
     for r in results:
@@ -180,6 +212,7 @@ def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[Metho
              "parameters": row.parameters}
             for row in rows
         ],
+        "paired_vs_HAT": pairs,
         "runs": [r.to_dict() for r in results],
     }
     paths["json"].write_text(json.dumps(_jsonable(payload), indent=2))
