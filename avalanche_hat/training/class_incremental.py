@@ -43,7 +43,7 @@ from ..config import HATConfig
 from ..modules import TaskIndexedLinear
 from ..network import trained_tasks
 from ..payload import HATPayload
-from .model import backbone_hat_config, check_task_in_range
+from .model import backbone_hat_config, backbone_num_features, check_task_in_range
 from .task_inference import batched_matches_loop, for_each_task
 
 SCORES = ("msp", "energy", "entropy", "reject", "mahalanobis")
@@ -183,13 +183,7 @@ class HATClassIncrementalModel(MultiTaskModule):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if classes_per_task > num_classes:
             raise ValueError(f"classes_per_task={classes_per_task} exceeds num_classes={num_classes}")
-        if num_features is None:
-            num_features = getattr(backbone, "num_features", None)
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                f"cannot tell the output width of {type(backbone).__name__}: pass num_features= "
-                "(or give the backbone a num_features attribute)"
-            )
+        num_features = backbone_num_features(backbone, num_features)
         unknown = [n for n in negatives if n not in NEGATIVE_TRANSFORMS]
         if reject_head and (not negatives or unknown):
             raise ValueError(f"negatives must be names from {sorted(NEGATIVE_TRANSFORMS)}, got {list(negatives)!r}")

@@ -60,6 +60,18 @@ def backbone_hat_config(backbone: nn.Module, hat_config: HATConfig | None) -> HA
     return hat_config
 
 
+def backbone_num_features(backbone, num_features: int | None = None) -> int:
+    """The width of the backbone's output: ``num_features`` if given, else its ``num_features`` attribute."""
+    if num_features is None:
+        num_features = getattr(backbone, "num_features", None)
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(
+            f"cannot tell the output width of {type(backbone).__name__}: pass num_features= "
+            "(or give the backbone a num_features attribute)"
+        )
+    return num_features
+
+
 def check_task_in_range(hat_config, task_label, what: str = "task label") -> int:
     """``int(task_label)``, or a clear error if the HAT model has no task of that index."""
     task = int(task_label)
@@ -121,13 +133,7 @@ class HATMultiTaskModel(MultiTaskModule):
                     f"{type(backbone).__name__} already ends in a {backbone_classes}-class head: create it "
                     "with num_classes=0 to add a HAT head here, or pass num_classes=None to use its own"
                 )
-            if num_features is None:
-                num_features = getattr(backbone, "num_features", None)
-            if not isinstance(num_features, int) or num_features < 1:
-                raise ValueError(
-                    f"cannot tell the output width of {type(backbone).__name__}: pass num_features= "
-                    "(or give the backbone a num_features attribute)"
-                )
+            num_features = backbone_num_features(backbone, num_features)
             like = next(backbone.parameters())  # the head starts where the backbone is
             self.head = TaskIndexedLinear(num_features, num_classes, hat_config, device=like.device, dtype=like.dtype)
             self.num_classes = num_classes
