@@ -102,9 +102,12 @@ class HATTokenLinear(HATLinear):
             m = self.mask(task_id, scale)
             return F.linear(x, weight * m.unsqueeze(1), None if bias is None else bias * m)
 
-        def folded_nullified(x, weight, bias, out_owned, in_owned):
+        def folded_masked(x, weight, bias, out_owned, in_owned, task_id, scale):
             m = self.mask(task_id, scale)  # here, after the layer clamped its embeddings in place
-            return _MaskFoldedLinear.apply(x, weight, bias, m, out_owned, in_owned)
+            return _MaskFoldedLinear.apply(x, weight, bias, m, out_owned, in_owned), m
+
+        def folded_nullified(x, weight, bias, out_owned, in_owned):  # training with binary masks
+            return folded_masked(x, weight, bias, out_owned, in_owned, task_id, scale)[0]
 
         if not (self.training and torch.is_grad_enabled()):  # inference: no gradient to nullify
             x = payload.data
@@ -112,7 +115,9 @@ class HATTokenLinear(HATLinear):
                 raise ValueError(f"{type(self).__name__} expects {self.in_features} input units along the last "
                                  f"axis, got an input of shape {tuple(x.shape)}")
             return payload.derive(folded(x, self.weight, self.bias))
-        out = self._hat_forward(payload, folded, self.in_features, -1, nullified=folded_nullified)
+        # One mask per step: the one folded into the weight is also the one the regulariser reuses.
+        out = self._hat_forward(payload, folded, self.in_features, -1, nullified=folded_nullified,
+                                masked_nullified=folded_masked)
         owned = out.ownership
         return out.derive(out.unmasked_data, mask_dim=out.mask_dim if owned is not None else None, ownership=owned)
 
