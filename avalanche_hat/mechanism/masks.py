@@ -96,7 +96,7 @@ def nullify_linear_grad_(grad_w: torch.Tensor, out_owned: torch.Tensor, in_owned
     return grad_w.masked_fill_((out_owned > 0).unsqueeze(1) & (in_owned > 0).unsqueeze(0), 0.0)
 
 
-def _nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned, weight_index=1, bias_index=2):
+def _nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned):
     """Input, weight and bias gradients of ``F.linear``, the last two with Eq. 2 applied."""
     grad_x = grad_w = grad_b = None
     dtype = grad.dtype  # under autocast the saved tensors may be in another precision
@@ -104,7 +104,7 @@ def _nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned, weight_in
         grad_x = _as(grad.matmul(_as(weight, dtype)), x.dtype)
     grad2d = grad.reshape(-1, grad.shape[-1])
     keep_rows = _as(1.0 - out_owned, dtype)
-    if ctx.needs_input_grad[weight_index]:
+    if ctx.needs_input_grad[1]:
         x2d = _as(x.reshape(-1, x.shape[-1]), dtype)
         if in_owned is None and grad2d.shape[0] < x2d.shape[1]:
             # Whole rows are frozen: scaling the (samples x out) output gradient is cheaper than
@@ -113,7 +113,7 @@ def _nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned, weight_in
         else:
             grad_w = nullify_linear_grad_(grad2d.t().mm(x2d), out_owned, in_owned)
         grad_w = _as(grad_w, weight.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[bias_index]:
+    if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = _as(grad2d.sum(0).mul_(keep_rows), weight.dtype)
     return grad_x, grad_w, grad_b
 
