@@ -1,15 +1,17 @@
 """Training-step cost of a HAT layer against its plain counterpart, as a ratio measured in one run.
 
-The HAT side runs the full training path of a second task: a soft mask at a mid-range scale, the
-compensated embedding gradient, the ownership of the first task and Eq. 2 on the weights.
+Each case runs twice on the HAT side: as task 0 (nothing owned yet: the mask and its compensated
+gradient are the whole cost) and as task 1 with half of every layer's units owned by task 0 (Eq. 2
+on the weights as well). A step is forward, backward from a dense upstream gradient (as inside a
+network) and dropping the gradients (``optimizer.zero_grad()``), on both sides.
 
     python benchmarks/layer_overhead.py [--rounds 301] [--steps 1] [--device cpu] [--threads 1] [--clock process]
 
 On a CPU shared with other jobs, time one thread by the CPU time of this process (the default):
 with several threads OpenMP waits for busy cores and small operations look many times slower.
-Plain and HAT steps alternate one by one (``--steps 1``) over many rounds: on a virtual machine whose
-speed drifts by 10-20% within a minute, blocks of 5 steps over 31 rounds gave Linear ratios from 1.05
-to 1.13 in six runs; single steps over 301 rounds from 1.088 to 1.103 in four.
+Plain and HAT steps alternate one by one (``--steps 1``) over many rounds, and the ratio is the
+median of the per-round ratios: on a virtual machine whose speed drifts by 10-20% within a minute,
+blocks of 5 steps over 31 rounds gave Linear ratios from 1.05 to 1.13 in six runs.
 """
 from __future__ import annotations
 
@@ -84,32 +86,41 @@ def main(argv=None) -> None:
     cfg = HATConfig(num_tasks=2)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{'process' if clock is time.process_time else 'wall'} clock, median of {args.rounds} interleaved rounds")
-    print(f"{'case':<55} {'plain ms':>9} {'HAT ms':>9} {'ratio':>7}")
+    print(f"{'case':<55} {'HAT task':<22} {'plain ms':>9} {'HAT ms':>9} {'ratio':>7}")
     for name, plain, hat, x, run_plain, run_hat in cases(cfg, device):
         plain.to(device).train()
         hat.to(device).train()
-        with torch.no_grad():  # task 0 owns half of every HAT layer's units
-            for m in hat.modules():
-                if hasattr(m, "mask_embedding"):
-                    m.mask_embedding[0, ::2] = -1.0
-        mark_task_trained(hat, 0)
-        payload = HATPayload(x, task_id=1, mask_scale=50.0)
+        grad = torch.randn_like(run_plain(plain, x))  # a dense upstream gradient, as inside a network
+        for label in ("0 (nothing owned)", "1 (half owned by 0)"):
+            if label.startswith("1"):
+                with torch.no_grad():  # task 0 owns half of every HAT layer's units
+                    for m in hat.modules():
+                        if hasattr(m, "mask_embedding"):
+                            m.mask_embedding[0, ::2] = -1.0
+                mark_task_trained(hat, 0)
+            payload = HATPayload(x, task_id=int(label[0]), mask_scale=50.0)
+            tp, th, ratios = measure(lambda: step(plain, run_plain(plain, x), grad),
+                                     lambda: step(hat, run_hat(hat, payload), grad), args, device, clock)
+            print(f"{name:<55} {label:<22} {1e3 * statistics.median(tp):9.2f} {1e3 * statistics.median(th):9.2f} "
+                  f"{statistics.median(ratios):7.3f}")
 
-        def step_plain():
-            run_plain(plain, x).sum().backward()
 
-        def step_hat():
-            run_hat(hat, payload).sum().backward()
+def step(module: nn.Module, out: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backward from ``out``, then drop the gradients as ``optimizer.zero_grad()`` does."""
+    out.backward(grad)
+    for p in module.parameters():
+        p.grad = None
 
-        for _ in range(3):  # warm-up
-            step_plain(), step_hat()
-        ratios, tp, th = [], [], []
-        for _ in range(args.rounds):
-            a = time_steps(step_plain, args.steps, device, clock)
-            b = time_steps(step_hat, args.steps, device, clock)
-            tp.append(a), th.append(b), ratios.append(b / a)
-        print(f"{name:<55} {1e3 * statistics.median(tp):9.2f} {1e3 * statistics.median(th):9.2f} "
-              f"{statistics.median(ratios):7.3f}")
+
+def measure(step_plain, step_hat, args, device, clock):
+    for _ in range(3):  # warm-up
+        step_plain(), step_hat()
+    tp, th, ratios = [], [], []
+    for _ in range(args.rounds):
+        a = time_steps(step_plain, args.steps, device, clock)
+        b = time_steps(step_hat, args.steps, device, clock)
+        tp.append(a), th.append(b), ratios.append(b / a)
+    return tp, th, ratios
 
 
 if __name__ == "__main__":

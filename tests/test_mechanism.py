@@ -196,6 +196,29 @@ def test_fused_linear_gradients_are_equation_2(samples, input_ownership):
     torch.testing.assert_close(gx, x.grad)  # the input gradient is never nullified
 
 
+@pytest.mark.parametrize("owned_rows", [[], [4], [0, 2, 5], list(range(9))])  # none, few, a third+, all
+@pytest.mark.parametrize("inputs", ["unknown", "mixed", "all owned"])
+@pytest.mark.parametrize("by_index", [True, False])  # the CPU's index path and the masked one
+def test_every_weight_gradient_path_is_equation_2(owned_rows, inputs, by_index):
+    """Eq. 2 takes different paths by device and by how much of the layer is owned (skipping the
+    product of frozen rows, zeroing owned rows by index, one masked pass): all give the formula."""
+    from avalanche_hat.mechanism.masks import _nullified_weight_grad, nullify_linear_grad_
+
+    torch.manual_seed(0)
+    g, x = torch.randn(7, 9, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64)
+    out_owned = torch.zeros(9, dtype=torch.float64)
+    out_owned[owned_rows] = 1.0
+    in_owned = {"unknown": None, "mixed": torch.tensor([1.0, 0, 0, 1, 1, 0], dtype=torch.float64),
+                "all owned": torch.ones(6, dtype=torch.float64)}[inputs]
+    owned_in = torch.ones(6, dtype=torch.float64) if in_owned is None else in_owned
+    expected = g.t().mm(x) * (1 - torch.minimum(out_owned[:, None], owned_in[None, :]))
+    got = _nullified_weight_grad(g, x, out_owned, in_owned, by_index)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert got.shape == (9, 6) and got.is_contiguous()
+    torch.testing.assert_close(nullify_linear_grad_(g.t().mm(x), out_owned, in_owned, by_index), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("compensate", [True, False])
 @pytest.mark.parametrize("scale", [0.5, 40.0])  # at 40, |s e| passes the saturation clamp of 50
 def test_one_node_linear_step_equals_layer_plus_soft_mask(compensate, scale):
