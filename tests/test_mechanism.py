@@ -196,6 +196,25 @@ def test_fused_linear_gradients_are_equation_2(samples, input_ownership):
     torch.testing.assert_close(gx, x.grad)  # the input gradient is never nullified
 
 
+@pytest.mark.parametrize("trained", [[], [0], [0, 2], [0, 1, 2, 3]])
+@pytest.mark.parametrize("task_id", [None, 0, 1, 3])
+def test_ownership_is_the_max_of_the_other_trained_tasks_binary_masks(trained, task_id):
+    """Eq. 2's a^{<t}, by both ways of computing it (the CPU's list of tasks; the device's product)."""
+    from avalanche_hat.mechanism.masks import ownership
+
+    torch.manual_seed(0)
+    emb = torch.randn(4, 12, dtype=torch.float64)
+    flags = torch.zeros(4, dtype=torch.bool)
+    flags[trained] = True
+    expected = torch.zeros(12, dtype=torch.float64)
+    for t in trained:
+        if t != task_id:
+            expected = torch.maximum(expected, (emb[t] > 0).double())
+    for by_list in (True, False):
+        got = ownership(emb, flags, task_id, by_list)
+        assert got.dtype == emb.dtype and torch.equal(got, expected), by_list
+
+
 @pytest.mark.parametrize("owned_rows", [[], [4], [0, 2, 5], list(range(9))])  # none, few, a third+, all
 @pytest.mark.parametrize("inputs", ["unknown", "mixed", "all owned"])
 @pytest.mark.parametrize("by_index", [True, False])  # the CPU's index path and the masked one

@@ -7,6 +7,8 @@ with gradient ``g * (1 - min(a_i^{<t}, a_j^{<t}))`` (Eq. 2); the embedding gradi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -46,11 +48,14 @@ def compensated_grad(grad_mask, embedding, scale: float, max_scale: float, satur
     ``exp(min(0, saturation - |s e|))`` (the original code's clamp). Few in-place operations: this
     runs in every training step of every HAT layer."""
     work = torch.promote_types(embedding.dtype, torch.float32)  # half precision computes in float32
-    e = embedding.detach().to(work, copy=True).abs_()
-    factor = torch.cosh(e).add_(1.0).reciprocal_()
-    if saturation is not None:
-        factor.mul_(e.mul_(-scale).add_(saturation).clamp_max_(0.0).exp_())
-    return _as(_as(grad_mask, work).mul(factor).mul_(0.5 * max_scale), embedding.dtype)
+    e = _as(embedding.detach(), work).abs()
+    denominator = torch.cosh(e).add_(1.0)
+    if saturation is None:
+        grad = _as(grad_mask, work).mul(0.5 * max_scale)
+    else:  # s_max / 2 joins the clamp's exponent: one exp for both
+        grad = e.mul_(-scale).add_(saturation).clamp_max_(0.0).add_(math.log(0.5 * max_scale)).exp_()
+        grad.mul_(grad_mask)
+    return _as(grad.div_(denominator), embedding.dtype)
 
 
 def soft_mask(
@@ -220,13 +225,21 @@ def masked_nullified_linear(x, weight, bias, embedding, out_owned, in_owned, tas
                                         float(max_scale), compensate, saturation)
 
 
-def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None) -> torch.Tensor:
+def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None,
+              by_list: bool | None = None) -> torch.Tensor:
     """Units owned by the trained tasks other than ``task_id``: ``max_{t' != t} 1[e^{t'} > 0]``.
 
     ``embedding`` is ``(num_tasks, units)``, ``trained`` a bool vector of ``num_tasks``. The result is
     a 0/1 vector in the embedding's dtype. Sequential training (tasks ``0..t-1`` trained) gives the
     paper's ``a^{<t}``; retraining task ``t`` later protects every other trained task.
     """
+    if trained.device.type == "cpu" if by_list is None else by_list:
+        # Reading the flags into a list costs no device synchronisation on the CPU: a task's first
+        # units need no work at all, later ones only the rows of the protecting tasks.
+        tasks = [t for t, done in enumerate(trained.tolist()) if done and t != task_id]
+        if not tasks:
+            return embedding.new_zeros(embedding.shape[1])
+        return (embedding.detach()[tasks] > 0).any(0).to(embedding.dtype)
     if task_id is None:
         protected = trained
     else:
