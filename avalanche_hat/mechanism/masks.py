@@ -111,8 +111,8 @@ def nullify_linear_grad_(grad_w: torch.Tensor, out_owned: torch.Tensor, in_owned
             return grad_w
         if in_owned is None:
             return grad_w.index_fill_(0, rows, 0.0)
-        keep_in = _as(1.0 - in_owned, grad_w.dtype)
-        return grad_w.index_copy_(0, rows, grad_w.index_select(0, rows).mul_(keep_in))
+        frozen = grad_w.index_select(0, rows).masked_fill_(in_owned > 0, 0.0)  # exact zeros, even for inf
+        return grad_w.index_copy_(0, rows, frozen)
     if in_owned is None:
         return grad_w.mul_(_as(1.0 - out_owned, grad_w.dtype).unsqueeze(1))
     return grad_w.masked_fill_((out_owned > 0).unsqueeze(1) & (in_owned > 0).unsqueeze(0), 0.0)
