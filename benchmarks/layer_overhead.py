@@ -91,14 +91,14 @@ def main(argv=None) -> None:
         plain.to(device).train()
         hat.to(device).train()
         grad = torch.randn_like(run_plain(plain, x))  # a dense upstream gradient, as inside a network
-        for label in ("0 (nothing owned)", "1 (half owned by 0)"):
-            if label.startswith("1"):
+        for task_id, label in ((0, "0 (nothing owned)"), (1, "1 (half owned by 0)")):
+            if task_id == 1:
                 with torch.no_grad():  # task 0 owns half of every HAT layer's units
                     for m in hat.modules():
                         if hasattr(m, "mask_embedding"):
                             m.mask_embedding[0, ::2] = -1.0
                 mark_task_trained(hat, 0)
-            payload = HATPayload(x, task_id=int(label[0]), mask_scale=50.0)
+            payload = HATPayload(x, task_id=task_id, mask_scale=50.0)
             tp, th, ratios = measure(lambda: step(plain, run_plain(plain, x), grad),
                                      lambda: step(hat, run_hat(hat, payload), grad), args, device, clock)
             print(f"{name:<55} {label:<22} {1e3 * statistics.median(tp):9.2f} {1e3 * statistics.median(th):9.2f} "

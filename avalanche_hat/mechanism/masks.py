@@ -96,6 +96,16 @@ def _owned_rows(out_owned: torch.Tensor) -> torch.Tensor:
     return (out_owned > 0).nonzero().squeeze(1)
 
 
+def _clear_owned_rows_(grad_w: torch.Tensor, rows: torch.Tensor, in_owned: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 2 by index: zero the given owned rows where their input is owned (all of each row when
+    input ownership is unknown); exact zeros whatever the gradient holds."""
+    if rows.numel() == 0:
+        return grad_w
+    if in_owned is None:
+        return grad_w.index_fill_(0, rows, 0.0)
+    return grad_w.index_copy_(0, rows, grad_w.index_select(0, rows).masked_fill_(in_owned > 0, 0.0))
+
+
 def nullify_linear_grad_(grad_w: torch.Tensor, out_owned: torch.Tensor, in_owned: torch.Tensor | None,
                          by_index: bool | None = None) -> torch.Tensor:
     """Eq. 2 on a linear weight gradient ``(out, in)``, in place, with no weight-sized temporary
@@ -106,13 +116,7 @@ def nullify_linear_grad_(grad_w: torch.Tensor, out_owned: torch.Tensor, in_owned
     touches only the owned rows, and nothing at all when no unit is owned yet; otherwise one masked
     pass over the gradient keeps the step free of host round trips."""
     if grad_w.device.type == "cpu" if by_index is None else by_index:
-        rows = _owned_rows(out_owned)
-        if rows.numel() == 0:
-            return grad_w
-        if in_owned is None:
-            return grad_w.index_fill_(0, rows, 0.0)
-        frozen = grad_w.index_select(0, rows).masked_fill_(in_owned > 0, 0.0)  # exact zeros, even for inf
-        return grad_w.index_copy_(0, rows, frozen)
+        return _clear_owned_rows_(grad_w, _owned_rows(out_owned), in_owned)
     if in_owned is None:
         return grad_w.mul_(_as(1.0 - out_owned, grad_w.dtype).unsqueeze(1))
     return grad_w.masked_fill_((out_owned > 0).unsqueeze(1) & (in_owned > 0).unsqueeze(0), 0.0)
@@ -122,26 +126,24 @@ def _nullified_weight_grad(grad2d: torch.Tensor, x2d: torch.Tensor, out_owned: t
                            in_owned: torch.Tensor | None, by_index: bool | None = None) -> torch.Tensor:
     """``grad2d^T x2d`` with Eq. 2 applied: the weight gradient of ``F.linear``. ``by_index`` as
     in :func:`nullify_linear_grad_`."""
-    by_index = grad2d.device.type == "cpu" if by_index is None else by_index
-    if by_index:
+    if grad2d.device.type == "cpu" if by_index is None else by_index:
         rows = _owned_rows(out_owned)
-        if rows.numel() == 0:  # a task's first units: nothing to nullify
-            return grad2d.t().mm(x2d)
-    if by_index and (in_owned is None or not bool((in_owned == 0).any())):
-        # Owned output units have whole rows frozen. Once they are a large share of the layer,
-        # skipping their part of the product saves more than the scatter into a zeroed gradient
-        # costs (1024x1024 weight, batch 32 to 512: it pays from about a third of the rows on).
-        if 3 * rows.numel() >= out_owned.numel():
+        whole_rows = in_owned is None or not bool((in_owned == 0).any())
+        if rows.numel() and whole_rows and 3 * rows.numel() >= out_owned.numel():
+            # Owned output units have whole rows frozen. Once they are a large share of the layer,
+            # skipping their part of the product saves more than the scatter into a zeroed gradient
+            # costs (1024x1024 weight, batch 32 to 512: it pays from about a third of the rows on).
             free = (out_owned <= 0).nonzero().squeeze(1)
             grad_w = grad2d.new_zeros(grad2d.shape[1], x2d.shape[1])
             if free.numel():
                 grad_w.index_copy_(0, free, grad2d.index_select(1, free).t().mm(x2d))
             return grad_w
-    elif not by_index and in_owned is None and grad2d.shape[0] < x2d.shape[1]:
+        return _clear_owned_rows_(grad2d.t().mm(x2d), rows, in_owned)
+    if in_owned is None and grad2d.shape[0] < x2d.shape[1]:
         # Whole rows are frozen: scaling the (samples x out) output gradient is cheaper than
         # a pass over the (out x in) weight gradient when there are fewer samples than inputs.
         return (grad2d * _as(1.0 - out_owned, grad2d.dtype)).t().mm(x2d)
-    return nullify_linear_grad_(grad2d.t().mm(x2d), out_owned, in_owned, by_index)
+    return nullify_linear_grad_(grad2d.t().mm(x2d), out_owned, in_owned, by_index=False)
 
 
 def _nullified_linear_grads(ctx, grad, x, weight, out_owned, in_owned):
