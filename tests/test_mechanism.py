@@ -268,6 +268,46 @@ def test_one_node_linear_step_equals_layer_plus_soft_mask(compensate, scale):
         torch.testing.assert_close(fused[3][1], e.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("scale", [2.0, None])
+def test_a_layer_no_other_task_owns_trains_like_the_general_path(layer, scale, monkeypatch):
+    """With no other task trained, a layer on the CPU trains through its plain computation and
+    autograd's own backward (Eq. 2 is the identity there). Its output, pending mask, ownership and
+    every gradient must equal those of the general path (custom Eq. 2 backward)."""
+    from avalanche_hat.modules import HATConv2d
+    from avalanche_hat.modules.base import HATModule
+
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=3)
+    if layer == "linear":
+        net, x = HATLinear(5, 4, cfg).double(), torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    else:
+        net, x = HATConv2d(3, 4, 3, cfg, padding=1).double(), torch.randn(2, 3, 5, 5, dtype=torch.float64,
+                                                                             requires_grad=True)
+    with torch.no_grad():
+        net.mask_embedding.copy_(torch.randn_like(net.mask_embedding))
+
+    def step():
+        for t in (x, *net.parameters()):
+            t.grad = None
+        out = net(HATPayload(x, task_id=1, mask_scale=scale))
+        (out.data * torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)).sum().backward()
+        return out, [t.grad.clone() for t in (x, *net.parameters()) if t.grad is not None]
+
+    fast_out, fast_grads = step()
+    assert net._training_ownership(1)[1]  # the fast path was taken
+    general = HATModule._training_ownership
+    monkeypatch.setattr(HATModule, "_training_ownership", lambda self, t: (general(self, t)[0], False))
+    slow_out, slow_grads = step()
+    assert torch.equal(fast_out.data, slow_out.data) and torch.equal(fast_out.ownership, slow_out.ownership)
+    assert torch.count_nonzero(fast_out.ownership) == 0
+    assert len(fast_grads) == len(slow_grads) == (4 if scale is not None else 3)
+    for got, want in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    mark_task_trained(net, 0)  # from now on task 0 owns units: the general path
+    assert not net._training_ownership(1)[1]
+
+
 @pytest.mark.parametrize("kind", ["layerwise", "global"])
 def test_regulariser_reuses_the_forwards_masks_with_the_same_value_and_gradients(kind):
     """recorded_masks() lets the regulariser use the masks the forward computed: same loss, same

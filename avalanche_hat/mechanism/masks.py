@@ -227,6 +227,11 @@ def masked_nullified_linear(x, weight, bias, embedding, out_owned, in_owned, tas
                                         float(max_scale), compensate, saturation)
 
 
+def protecting_tasks(trained: torch.Tensor, task_id: int | None) -> list[int]:
+    """The trained tasks other than ``task_id``, whose units Eq. 2 protects (reads ``trained`` on the host)."""
+    return [t for t, done in enumerate(trained.tolist()) if done and t != task_id]
+
+
 def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None,
               by_list: bool | None = None) -> torch.Tensor:
     """Units owned by the trained tasks other than ``task_id``: ``max_{t' != t} 1[e^{t'} > 0]``.
@@ -238,7 +243,7 @@ def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | Non
     if trained.device.type == "cpu" if by_list is None else by_list:
         # Reading the flags into a list costs no device synchronisation on the CPU: a task's first
         # units need no work at all, later ones only the rows of the protecting tasks.
-        tasks = [t for t, done in enumerate(trained.tolist()) if done and t != task_id]
+        tasks = protecting_tasks(trained, task_id)
         if not tasks:
             return embedding.new_zeros(embedding.shape[1])
         return (embedding.detach()[tasks] > 0).any(0).to(embedding.dtype)

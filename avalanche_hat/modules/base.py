@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import HATConfig
-from ..mechanism.masks import binary_mask, nullification_factor, ownership, scale_grad, soft_mask
+from ..mechanism.masks import binary_mask, nullification_factor, ownership, protecting_tasks, scale_grad, soft_mask
 from ..payload import HATPayload
 
 
@@ -62,6 +62,9 @@ class HATModule(nn.Module):
         if task_id is None:
             return None
         self.hat_config.check_task_id(task_id)
+        return self._mask(task_id, mask_scale)
+
+    def _mask(self, task_id: int, mask_scale: float | None) -> torch.Tensor:
         emb = self.mask_embedding[task_id]
         if mask_scale is None:
             return binary_mask(emb)
@@ -76,20 +79,29 @@ class HATModule(nn.Module):
         """0/1 per unit: owned by a trained task other than ``task_id`` (Eq. 2's ``a^{<t}``)."""
         return ownership(self.mask_embedding, self.hat_trained, task_id)
 
+    def _training_ownership(self, task_id: int) -> tuple[torch.Tensor, bool]:
+        """Eq. 2's ownership for a training step, and whether it is known without a device
+        synchronisation that no unit is owned (on the CPU, when no other task is trained yet)."""
+        if self.hat_trained.device.type == "cpu" and not protecting_tasks(self.hat_trained, task_id):
+            return self.mask_embedding.new_zeros(self.num_units), True
+        return self.ownership(task_id), False
+
     def clamp_embedding_(self) -> None:
         c = self.hat_config.embedding_clamp
         self.mask_embedding.data.clamp_(-c, c)  # .data: outside autograd, no no_grad context needed
 
     # --------------------------------------------------------------------------- forward
     def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1, nullified=None,
-                     masked_nullified=None) -> HATPayload:
+                     masked_nullified=None, plain_when_free: bool = True) -> HATPayload:
         """Shared forward: checks, Eq. 2 on weight and bias, the layer itself, the pending mask.
 
         ``compute(x, weight, bias)`` is the plain layer; ``nullified(x, weight, bias, out_owned,
         in_owned)``, if given, is a fused version applying Eq. 2 in its own backward from the 0/1
         ownership of the output units and of the inputs (``None``: unknown); ``masked_nullified(x,
         weight, bias, out_owned, in_owned, task_id, scale)`` also computes the soft mask (one autograd
-        node for the whole training step) and returns ``(output, mask)``."""
+        node for the whole training step) and returns ``(output, mask)``. While no other task owns a
+        unit of the layer, Eq. 2 is the identity and, with ``plain_when_free``, the layer trains
+        through ``compute`` and autograd's own backward (a task's first units on the CPU)."""
         payload = as_payload(self, payload)
         task_id, scale = payload.task_id, payload.mask_scale
         self.hat_config.check_task_id(task_id)
@@ -114,7 +126,9 @@ class HATModule(nn.Module):
             self._warn_unmarked_task(task_id)
             if scale is not None:
                 self.clamp_embedding_()
-            owned = self.ownership(task_id)
+            owned, free = self._training_ownership(task_id)
+            if free and plain_when_free:
+                return self._masked_output(payload, compute(x, weight, bias), task_id, scale, owned)
             in_owned = payload.ownership
             if in_owned is not None and (payload.mask_dim != in_axis % x.ndim or in_owned.numel() != in_units):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
@@ -131,7 +145,12 @@ class HATModule(nn.Module):
                 out = compute(x, weight, bias)
         else:
             out = compute(x, weight, bias)
-        mask = self.mask(task_id, scale)
+        return self._masked_output(payload, out, task_id, scale, owned)
+
+    def _masked_output(self, payload, out, task_id: int, scale, owned) -> HATPayload:
+        """``out`` with the task's mask pending (recorded for the regulariser while training); the
+        caller checked ``task_id``."""
+        mask = self._mask(task_id, scale)
         if owned is not None and scale is not None:
             self._record(task_id, scale, mask, owned)
         return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)

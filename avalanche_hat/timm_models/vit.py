@@ -117,7 +117,7 @@ class HATTokenLinear(HATLinear):
             return payload.derive(folded(x, self.weight, self.bias))
         # One mask per step: the one folded into the weight is also the one the regulariser reuses.
         out = self._hat_forward(payload, folded, self.in_features, -1, nullified=folded_nullified,
-                                masked_nullified=folded_masked)
+                                masked_nullified=folded_masked, plain_when_free=False)
         owned = out.ownership
         return out.derive(out.unmasked_data, mask_dim=out.mask_dim if owned is not None else None, ownership=owned)
 
