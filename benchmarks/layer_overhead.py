@@ -5,7 +5,7 @@ gradient are the whole cost) and as task 1 with half of every layer's units owne
 on the weights as well). A step is forward, backward from a dense upstream gradient (as inside a
 network) and dropping the gradients (``optimizer.zero_grad()``), on both sides.
 
-    python benchmarks/layer_overhead.py [--rounds 301] [--steps 1] [--device cpu] [--threads 1] [--clock process]
+    python benchmarks/layer_overhead.py [--rounds 301] [--steps 1] [--device cpu] [--threads 1] [--clock process] [--only Linear]
 
 On a CPU shared with other jobs, time one thread by the CPU time of this process (the default):
 with several threads OpenMP waits for busy cores and small operations look many times slower.
@@ -34,6 +34,16 @@ def cases(cfg: HATConfig, device):
         x = torch.randn(128, 1024, device=device)
         return "Linear 1024->1024, batch 128", plain, hat, x, lambda m, x: m(x), lambda m, x: m(x).data
 
+    def hidden_linear():  # inside a network: the input needs its gradient too (a third matrix product)
+        plain, hat = nn.Linear(1024, 1024), HATLinear(1024, 1024, cfg)
+        x = torch.randn(128, 1024, device=device, requires_grad=True)
+        return "Linear 1024->1024, batch 128, input grad", plain, hat, x, lambda m, x: m(x), lambda m, x: m(x).data
+
+    def mlp_linear():  # the first layer of the leaderboard's MLP, at its batch size
+        plain, hat = nn.Linear(784, 400), HATLinear(784, 400, cfg)
+        x = torch.randn(64, 784, device=device)
+        return "Linear 784->400, batch 64", plain, hat, x, lambda m, x: m(x), lambda m, x: m(x).data
+
     def conv_bn():
         plain = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64))
         hat = nn.ModuleList([HATConv2d(64, 64, 3, cfg, padding=1, bias=False), TaskIndexedBatchNorm2d(64, cfg)])
@@ -56,7 +66,7 @@ def cases(cfg: HATConfig, device):
         return ("Linear 192->768 + LayerNorm, 32x197 tokens", plain, hat, x,
                 lambda m, x: m(x), lambda m, x: m[1](m[0](x)).data)
 
-    return [linear(), conv_bn(), conv_relu(), linear_ln()]
+    return [linear(), hidden_linear(), mlp_linear(), conv_bn(), conv_relu(), linear_ln()]
 
 
 def time_steps(fn, steps: int, device, clock=time.perf_counter) -> float:
@@ -77,6 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     parser.add_argument("--clock", choices=("process", "wall"), default="process")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -88,6 +99,8 @@ def main(argv=None) -> None:
           f"{'process' if clock is time.process_time else 'wall'} clock, median of {args.rounds} interleaved rounds")
     print(f"{'case':<55} {'HAT task':<22} {'plain ms':>9} {'HAT ms':>9} {'ratio':>7}")
     for name, plain, hat, x, run_plain, run_hat in cases(cfg, device):
+        if args.only not in name:
+            continue
         plain.to(device).train()
         hat.to(device).train()
         grad = torch.randn_like(run_plain(plain, x))  # a dense upstream gradient, as inside a network
@@ -99,17 +112,19 @@ def main(argv=None) -> None:
                             m.mask_embedding[0, ::2] = -1.0
                 mark_task_trained(hat, 0)
             payload = HATPayload(x, task_id=task_id, mask_scale=50.0)
-            tp, th, ratios = measure(lambda: step(plain, run_plain(plain, x), grad),
-                                     lambda: step(hat, run_hat(hat, payload), grad), args, device, clock)
+            tp, th, ratios = measure(lambda: step(plain, run_plain(plain, x), grad, x),
+                                     lambda: step(hat, run_hat(hat, payload), grad, x), args, device, clock)
             print(f"{name:<55} {label:<22} {1e3 * statistics.median(tp):9.2f} {1e3 * statistics.median(th):9.2f} "
                   f"{statistics.median(ratios):7.3f}")
 
 
-def step(module: nn.Module, out: torch.Tensor, grad: torch.Tensor) -> None:
-    """Backward from ``out``, then drop the gradients as ``optimizer.zero_grad()`` does."""
+def step(module: nn.Module, out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
+    """Backward from ``out``, then drop the gradients as ``optimizer.zero_grad()`` does (and the
+    input's, where it has one, as the layer below would consume it)."""
     out.backward(grad)
     for p in module.parameters():
         p.grad = None
+    x.grad = None
 
 
 def measure(step_plain, step_hat, args, device, clock):
