@@ -232,6 +232,15 @@ def protecting_tasks(trained: torch.Tensor, task_id: int | None) -> list[int]:
     return [t for t, done in enumerate(trained.tolist()) if done and t != task_id]
 
 
+def owned_by(embedding: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+    """0/1 per unit: switched on by at least one of ``tasks`` (no work at all for none)."""
+    if not tasks:
+        return embedding.new_zeros(embedding.shape[1])
+    if len(tasks) == 1:  # the common case (task 1 after task 0): a row, no gather
+        return (embedding.detach()[tasks[0]] > 0).to(embedding.dtype)
+    return (embedding.detach()[tasks] > 0).any(0).to(embedding.dtype)
+
+
 def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | None,
               by_list: bool | None = None) -> torch.Tensor:
     """Units owned by the trained tasks other than ``task_id``: ``max_{t' != t} 1[e^{t'} > 0]``.
@@ -243,10 +252,7 @@ def ownership(embedding: torch.Tensor, trained: torch.Tensor, task_id: int | Non
     if trained.device.type == "cpu" if by_list is None else by_list:
         # Reading the flags into a list costs no device synchronisation on the CPU: a task's first
         # units need no work at all, later ones only the rows of the protecting tasks.
-        tasks = protecting_tasks(trained, task_id)
-        if not tasks:
-            return embedding.new_zeros(embedding.shape[1])
-        return (embedding.detach()[tasks] > 0).any(0).to(embedding.dtype)
+        return owned_by(embedding, protecting_tasks(trained, task_id))
     if task_id is None:
         protected = trained
     else:

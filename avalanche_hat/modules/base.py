@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..config import HATConfig
-from ..mechanism.masks import binary_mask, nullification_factor, ownership, protecting_tasks, scale_grad, soft_mask
+from ..mechanism.masks import (binary_mask, nullification_factor, owned_by, ownership, protecting_tasks, scale_grad,
+                               soft_mask)
 from ..payload import HATPayload
 
 
@@ -82,8 +83,9 @@ class HATModule(nn.Module):
     def _training_ownership(self, task_id: int) -> tuple[torch.Tensor, bool]:
         """Eq. 2's ownership for a training step, and whether it is known without a device
         synchronisation that no unit is owned (on the CPU, when no other task is trained yet)."""
-        if self.hat_trained.device.type == "cpu" and not protecting_tasks(self.hat_trained, task_id):
-            return self.mask_embedding.new_zeros(self.num_units), True
+        if self.hat_trained.device.type == "cpu":
+            tasks = protecting_tasks(self.hat_trained, task_id)
+            return owned_by(self.mask_embedding, tasks), not tasks
         return self.ownership(task_id), False
 
     def clamp_embedding_(self) -> None:
