@@ -437,6 +437,47 @@ def test_ownership_respecting_weight_decay_keeps_earlier_tasks_bit_identical():
     assert any(not torch.equal(before[n], after[n]) for n in before)  # free units did train
 
 
+class DivergesAt:
+    """Cross entropy that turns nan at the ``at``-th call after ``arm()`` (a diverged step)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, None
+
+    def arm(self):
+        self.calls = 0
+
+    def __call__(self, out, y):
+        loss = nn.functional.cross_entropy(out, y)
+        if self.calls is not None:
+            self.calls += 1
+            if self.calls == self.at:
+                return loss * float("nan")
+        return loss
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_diverged_step_stops_training_before_it_reaches_earlier_tasks(check_finite):
+    """A nan loss in task 1 stops training before its backward pass: task 0 stays bit-identical and
+    task 1 keeps its last finite weights. Without the check the step goes through, and task 0's
+    outputs turn nan although none of its weights had a gradient (0 * nan through the free units)."""
+    benchmark = tensor_benchmark(3)
+    criterion = DivergesAt(3)
+    strategy = make_strategy(epochs=2, criterion=criterion, check_finite=check_finite)
+    strategy.train(benchmark.train_stream[0])
+    x0, _ = stacked_data(benchmark.test_stream[0])
+    task0 = logits(strategy.model, x0, 0)
+    criterion.arm()
+    if check_finite:
+        with pytest.raises(FloatingPointError, match=r"loss of task 1 is nan at epoch 0, iteration 2 .*untouched"):
+            strategy.train(benchmark.train_stream[1])
+        assert torch.equal(logits(strategy.model, x0, 0), task0)
+        assert torch.isfinite(torch.cat([p.detach().flatten() for p in strategy.model.parameters()])).all()
+        assert trained_tasks(strategy.model) == [0]  # task 1 was not marked trained
+    else:
+        strategy.train(benchmark.train_stream[1])
+        assert torch.isnan(logits(strategy.model, x0, 0)).any()
+
+
 # ------------------------------------------------------------------------------ metrics
 def test_default_evaluator_reports_capacity_and_loggers_print_it():
     from avalanche.logging import TextLogger

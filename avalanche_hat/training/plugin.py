@@ -113,6 +113,11 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         class_incremental: None (default) follows the model (a ``HATClassIncrementalModel`` is
             trained class-incrementally, any other model task-incrementally); True or False insists
             on one mode and refuses a model of the other.
+        check_finite: stop training with a ``FloatingPointError`` when the loss is not finite, before
+            its backward pass and optimizer step. A diverged step would put nan or inf into the free
+            weights of the task being learned, and earlier tasks read those weights with inputs that
+            are exactly 0, so ``0 * nan`` would reach their outputs: HAT's guarantee holds for finite
+            steps only. On a GPU the check reads one number per iteration from the device.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         weight_decay: float = 0.0,
         allow_task_revisit: bool = False,
         class_incremental: bool | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         if not reg_coef >= 0:
@@ -154,6 +160,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if class_incremental not in (None, True, False):
             raise ValueError(f"class_incremental must be None, True or False, got {class_incremental!r}")
         self.class_incremental = class_incremental
+        self.check_finite = bool(check_finite)
         # Per-experience state, set in before_training_exp.
         self.task_id: int | None = None
         self._open_task: int | None = None  # started and not yet marked trained (online streams)
@@ -402,6 +409,24 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         self._masks = None
         if self.weight_decay:
             strategy.loss += 0.5 * self.weight_decay * ownership_respecting_l2(model, self.task_id)
+        if self.check_finite:
+            self._check_finite_loss(strategy, model)
+
+    def _check_finite_loss(self, strategy, model: nn.Module) -> None:
+        loss = strategy.loss
+        if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all()):
+            return
+        clock = strategy.clock
+        raise FloatingPointError(
+            f"the training loss of task {self.task_id} is {loss.detach().flatten()[0].item()} at epoch "
+            f"{clock.train_exp_epochs}, iteration {clock.train_epoch_iterations} (both counted from 0): "
+            "training diverged. Stopped "
+            "before the backward pass and the optimizer step, so the model is as it was after the last "
+            f"finite step and the tasks already learned ({trained_tasks(model)}) are untouched; a non-finite "
+            "step would have reached them too (their inputs from free units are exactly 0, and 0 * nan is "
+            "nan). Lower the learning rate, look for nan or inf in the data, or clip the gradients; "
+            "HATPlugin(check_finite=False) / HAT(..., check_finite=False) turns this check off."
+        )
 
     # ------------------------------------------------------------------------------- eval
     def before_eval(self, strategy, **kwargs) -> None:
