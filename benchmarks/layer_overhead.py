@@ -5,7 +5,8 @@ gradient are the whole cost) and as task 1 with half of every layer's units owne
 on the weights as well). A step is forward, backward from a dense upstream gradient (as inside a
 network) and dropping the gradients (``optimizer.zero_grad()``), on both sides.
 
-    python benchmarks/layer_overhead.py [--rounds 301] [--steps 1] [--device cpu] [--threads 1] [--clock process] [--only Linear]
+    python benchmarks/layer_overhead.py [--rounds 301] [--steps 1] [--device cpu] [--threads 1] [--clock process]
+                                        [--only Linear]
 
 On a CPU shared with other jobs, time one thread by the CPU time of this process (the default):
 with several threads OpenMP waits for busy cores and small operations look many times slower.

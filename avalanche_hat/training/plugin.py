@@ -420,8 +420,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         raise FloatingPointError(
             f"the training loss of task {self.task_id} is {loss.detach().flatten()[0].item()} at epoch "
             f"{clock.train_exp_epochs}, iteration {clock.train_epoch_iterations} (both counted from 0): "
-            "training diverged. Stopped before the backward pass and the optimizer step, so the model is as it was after the last "
-            f"finite step and the tasks already learned ({trained_tasks(model)}) are untouched; a non-finite "
+            "training diverged. Stopped before the backward pass and the optimizer step, so the model is "
+            "as it was after the last finite step and the tasks already learned "
+            f"({trained_tasks(model)}) are untouched; a non-finite "
             "step would have reached them too (their inputs from free units are exactly 0, and 0 * nan is "
             "nan). Lower the learning rate, look for nan or inf in the data, or clip the gradients; "
             "HATPlugin(check_finite=False) / HAT(..., check_finite=False) turns this check off."
