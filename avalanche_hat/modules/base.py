@@ -136,8 +136,7 @@ class HATModule(nn.Module):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
             if masked_nullified is not None and scale is not None:
                 out, mask = masked_nullified(x, weight, bias, owned, in_owned, task_id, scale)
-                self._record(task_id, scale, mask, owned)
-                return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)
+                return self._masked_output(payload, out, task_id, scale, owned, mask)
             if nullified is not None:
                 out = nullified(x, weight, bias, owned, in_owned)
             else:
@@ -149,10 +148,11 @@ class HATModule(nn.Module):
             out = compute(x, weight, bias)
         return self._masked_output(payload, out, task_id, scale, owned)
 
-    def _masked_output(self, payload, out, task_id: int, scale, owned) -> HATPayload:
+    def _masked_output(self, payload, out, task_id: int, scale, owned, mask=None) -> HATPayload:
         """``out`` with the task's mask pending (recorded for the regulariser while training); the
-        caller checked ``task_id``."""
-        mask = self._mask(task_id, scale)
+        caller checked ``task_id``. ``mask``: the one the layer already computed, if any."""
+        if mask is None:
+            mask = self._mask(task_id, scale)
         if owned is not None and scale is not None:
             self._record(task_id, scale, mask, owned)
         return payload.derive(out, mask=mask, mask_dim=self.unit_dim % out.ndim, ownership=owned)
