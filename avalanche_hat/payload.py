@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .mechanism import fused
 from .mechanism.masks import _as
 
 # Modules that map 0 to 0 unit by unit and keep the unit axis: units that earlier tasks do not own
@@ -106,7 +107,12 @@ class HATPayload:
         """The tensor with the pending mask applied."""
         if self._mask is None:
             return self._data
-        return self._data * _along(_as(self._mask, self._data.dtype), self.mask_dim, self._data.ndim)
+        data, mask = self._data, _as(self._mask, self._data.dtype)
+        if self.mask_dim == data.ndim - 1:
+            kernels = fused.usable(data, mask)
+            if kernels is not None:  # one pass each way; its backward yields both gradients in one pass
+                return kernels.mask_last_axis(data, mask)
+        return data * _along(mask, self.mask_dim, data.ndim)
 
     @property
     def unmasked_data(self) -> torch.Tensor:

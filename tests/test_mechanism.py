@@ -23,7 +23,7 @@ class TinyMLP(nn.Module):
         return self.fc2(p).data
 
 
-def test_gradients_equal_the_papers_formulas_by_hand():
+def test_gradients_equal_the_papers_formulas_by_hand(hat_kernels):
     torch.manual_seed(0)
     cfg = HATConfig(num_tasks=2, max_mask_scale=S_MAX)
     net = TinyMLP(cfg).double()

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from . import fused
+
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor.to(dtype)`` without the dispatch when it already has it (these run every step)."""
@@ -210,6 +212,13 @@ class _MaskedNullifiedLinear(torch.autograd.Function):
         grad_e = None
         if ctx.needs_input_grad[3]:
             task_id, scale, max_scale, compensate, saturation = ctx.hat
+            kernels = fused.usable(embedding) if compensate else None
+            if kernels is not None:
+                return (grad_x, grad_w, grad_b,
+                        kernels.compensated_embedding_grad(grad_mask, embedding, task_id, scale, max_scale,
+                                                           0.0 if saturation is None else float(saturation),
+                                                           saturation is not None),
+                        None, None, None, None, None, None, None)
             if compensate:
                 row = compensated_grad(grad_mask, embedding[task_id], scale, max_scale, saturation)
             else:

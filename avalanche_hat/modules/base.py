@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import HATConfig
+from ..mechanism import fused
 from ..mechanism.masks import (binary_mask, nullification_factor, owned_by, ownership, protecting_tasks, scale_grad,
                                soft_mask)
 from ..payload import HATPayload
@@ -66,11 +67,18 @@ class HATModule(nn.Module):
         return self._mask(task_id, mask_scale)
 
     def _mask(self, task_id: int, mask_scale: float | None) -> torch.Tensor:
-        emb = self.mask_embedding[task_id]
+        embedding = self.mask_embedding
         if mask_scale is None:
-            return binary_mask(emb)
+            return binary_mask(embedding[task_id])
         cfg = self.hat_config
-        return soft_mask(emb, mask_scale, cfg.max_mask_scale, cfg.gradient_compensation, cfg.compensation_clamp)
+        if cfg.gradient_compensation:
+            kernels = fused.usable(embedding)
+            if kernels is not None:  # one loop each way instead of a chain of small operations
+                saturation = cfg.compensation_clamp
+                return kernels.soft_mask(embedding, task_id, float(mask_scale), float(cfg.max_mask_scale),
+                                         0.0 if saturation is None else float(saturation), saturation is not None)
+        return soft_mask(embedding[task_id], mask_scale, cfg.max_mask_scale, cfg.gradient_compensation,
+                         cfg.compensation_clamp)
 
     def binary_mask(self, task_id: int) -> torch.Tensor:
         self.hat_config.check_task_id(task_id)
@@ -83,14 +91,19 @@ class HATModule(nn.Module):
     def _training_ownership(self, task_id: int) -> tuple[torch.Tensor, bool]:
         """Eq. 2's ownership for a training step, and whether it is known without a device
         synchronisation that no unit is owned (on the CPU, when no other task is trained yet)."""
-        if self.hat_trained.device.type == "cpu":
-            tasks = protecting_tasks(self.hat_trained, task_id)
+        trained = self.hat_trained
+        if trained.is_cpu:
+            tasks = protecting_tasks(trained, task_id)
             return owned_by(self.mask_embedding, tasks), not tasks
         return self.ownership(task_id), False
 
     def clamp_embedding_(self) -> None:
         c = self.hat_config.embedding_clamp
-        self.mask_embedding.data.clamp_(-c, c)  # .data: outside autograd, no no_grad context needed
+        kernels = fused.usable(self.mask_embedding)
+        if kernels is not None:
+            kernels.clamp_embedding(self.mask_embedding, float(c))
+        else:
+            self.mask_embedding.data.clamp_(-c, c)  # .data: outside autograd, no no_grad context needed
 
     # --------------------------------------------------------------------------- forward
     def _hat_forward(self, payload, compute, in_units: int, in_axis: int, groups: int = 1, nullified=None,

@@ -1,0 +1,195 @@
+// Fused CPU kernels for the per-step vector work of a HAT layer, built on first use by
+// avalanche_hat/mechanism/fused.py (torch.utils.cpp_extension). Each is one loop where the PyTorch
+// version is a chain of small operations: on a CPU their dispatch, not their arithmetic, is the cost.
+// Float32 and float64, contiguous, CPU only; the Python side falls back to PyTorch operations
+// for anything else.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// dL/de of Eq. 3 per unit of dL/da: s_max / (2 (cosh e + 1)), times exp(min(0, c - s |e|)) (the original
+// code's clamp of s e at c). 2 (cosh a + 1) = e^a (1 + e^-a)^2, so with q = e^-|e| in (0, 1] the factor
+// is s_max q / (1 + q)^2: finite for every e (0 where |e| is huge).
+template <typename T>
+inline T compensation(T e, T scale, T max_scale, T saturation, bool saturate) {
+  const T a = std::abs(e);
+  const T q = std::exp(-a);
+  const T p = T(1) + q;
+  T k = max_scale * q / (p * p);
+  if (saturate) {
+    const T excess = scale * a - saturation;
+    if (excess > T(0)) k *= std::exp(-excess);
+  }
+  return k;
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Row task_id of the (tasks x units) gradient of the embedding: grad_mask times the factor above.
+// Returns the full-size gradient (zeros elsewhere), as autograd expects for the whole embedding.
+at::Tensor compensated_embedding_grad(const at::Tensor& grad_mask, const at::Tensor& embedding, int64_t task_id,
+                                      double scale, double max_scale, double saturation, bool saturate) {
+  check(embedding, "embedding");
+  const at::Tensor grad = grad_mask.to(embedding.scalar_type()).contiguous();
+  const int64_t units = embedding.size(1);
+  TORCH_CHECK(grad.numel() == units, "the mask gradient has ", grad.numel(), " units, the embedding ", units);
+  at::Tensor out = at::zeros_like(embedding);
+  AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "hat_compensated_grad", [&] {
+    const scalar_t* e = embedding.data_ptr<scalar_t>() + task_id * units;
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>() + task_id * units;
+    const auto s = static_cast<scalar_t>(scale), m = static_cast<scalar_t>(max_scale);
+    const auto c = static_cast<scalar_t>(saturation);
+    for (int64_t j = 0; j < units; ++j) o[j] = g[j] * compensation(e[j], s, m, c, saturate);
+  });
+  return out;
+}
+
+// a = sigmoid(s e_t) (Eq. 1) whose backward is the compensated gradient of Eq. 3.
+struct SoftMask : public torch::autograd::Function<SoftMask> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embedding, int64_t task_id, double scale,
+                            double max_scale, double saturation, bool saturate) {
+    check(embedding, "embedding");
+    TORCH_CHECK(embedding.dim() == 2 && task_id >= 0 && task_id < embedding.size(0), "task ", task_id,
+                " is not a row of the mask embedding");
+    const int64_t units = embedding.size(1);
+    at::Tensor mask = at::empty({units}, embedding.options());
+    AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "hat_soft_mask", [&] {
+      const scalar_t* e = embedding.data_ptr<scalar_t>() + task_id * units;
+      scalar_t* a = mask.data_ptr<scalar_t>();
+      const auto s = static_cast<scalar_t>(scale);
+      for (int64_t j = 0; j < units; ++j) a[j] = scalar_t(1) / (scalar_t(1) + std::exp(-s * e[j]));
+    });
+    ctx->save_for_backward({embedding});
+    ctx->saved_data["task_id"] = task_id;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["max_scale"] = max_scale;
+    ctx->saved_data["saturation"] = saturation;
+    ctx->saved_data["saturate"] = saturate;
+    return mask;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor embedding = ctx->get_saved_variables()[0];
+    at::Tensor grad = compensated_embedding_grad(
+        grads[0], embedding, ctx->saved_data["task_id"].toInt(), ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["max_scale"].toDouble(), ctx->saved_data["saturation"].toDouble(),
+        ctx->saved_data["saturate"].toBool());
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor soft_mask(const at::Tensor& embedding, int64_t task_id, double scale, double max_scale,
+                     double saturation, bool saturate) {
+  return SoftMask::apply(embedding, task_id, scale, max_scale, saturation, saturate);
+}
+
+template <typename T>
+inline void scale_row(T* __restrict__ out, const T* __restrict__ in, const T* __restrict__ factor, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = in[j] * factor[j];
+}
+
+template <typename T>
+inline void accumulate_product(T* __restrict__ sum, const T* __restrict__ u, const T* __restrict__ v, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) sum[j] += u[j] * v[j];
+}
+
+// data * mask along the last axis. Its backward is one pass over the upstream gradient for both
+// results: d data = grad * mask and d mask = sum over rows of grad * data (accumulated in double).
+struct MaskLastAxis : public torch::autograd::Function<MaskLastAxis> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& data, const at::Tensor& mask) {
+    check(data, "data");
+    check(mask, "mask");
+    TORCH_CHECK(data.scalar_type() == mask.scalar_type(), "data and mask must have one dtype");
+    const int64_t units = mask.numel();
+    TORCH_CHECK(data.dim() >= 1 && data.size(-1) == units, "the mask has ", units,
+                " units but the last axis of the data has ", data.dim() ? data.size(-1) : 0);
+    at::Tensor out = at::empty_like(data);
+    const int64_t rows = units ? data.numel() / units : 0;
+    AT_DISPATCH_FLOATING_TYPES(data.scalar_type(), "hat_mask_last_axis", [&] {
+      const scalar_t* x = data.data_ptr<scalar_t>();
+      const scalar_t* a = mask.data_ptr<scalar_t>();
+      scalar_t* y = out.data_ptr<scalar_t>();
+      // Threads over rows where PyTorch's own elementwise operations would use them too.
+      at::parallel_for(0, rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(units, 1)),
+                       [&](int64_t r0, int64_t r1) {
+                         for (int64_t r = r0; r < r1; ++r) scale_row(y + r * units, x + r * units, a, units);
+                       });
+    });
+    ctx->save_for_backward({data, mask});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& data = saved[0];
+    const at::Tensor& mask = saved[1];
+    const at::Tensor grad = grads[0].to(data.scalar_type()).contiguous();
+    const bool want_data = ctx->needs_input_grad(0), want_mask = ctx->needs_input_grad(1);
+    const int64_t units = mask.numel();
+    const int64_t rows = units ? data.numel() / units : 0;
+    at::Tensor grad_data = want_data ? at::empty_like(data) : at::Tensor();
+    at::Tensor grad_mask = want_mask ? at::empty_like(mask) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(data.scalar_type(), "hat_mask_last_axis_backward", [&] {
+      const scalar_t* g = grad.data_ptr<scalar_t>();
+      const scalar_t* x = data.data_ptr<scalar_t>();
+      const scalar_t* a = mask.data_ptr<scalar_t>();
+      scalar_t* gx = want_data ? grad_data.data_ptr<scalar_t>() : nullptr;
+      // d mask: each block of kBlock rows is summed in the data's precision (a loop the compiler
+      // vectorises), the blocks' sums in double and in block order. The rounding error does not grow
+      // with the number of rows, and the result does not depend on the number of threads.
+      constexpr int64_t kBlock = 64;
+      const int64_t blocks = (rows + kBlock - 1) / kBlock;
+      std::vector<scalar_t> partial(want_mask ? blocks * units : 0, scalar_t(0));
+      at::parallel_for(0, blocks, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(kBlock * units, 1)),
+                       [&](int64_t b0, int64_t b1) {
+                         for (int64_t b = b0; b < b1; ++b) {
+                           for (int64_t r = b * kBlock, end = std::min(rows, r + kBlock); r < end; ++r) {
+                             if (want_data) scale_row(gx + r * units, g + r * units, a, units);
+                             if (want_mask) accumulate_product(partial.data() + b * units, g + r * units, x + r * units, units);
+                           }
+                         }
+                       });
+      if (want_mask) {
+        std::vector<double> total(units, 0.0);
+        for (int64_t b = 0; b < blocks; ++b)
+          for (int64_t j = 0; j < units; ++j) total[j] += static_cast<double>(partial[b * units + j]);
+        scalar_t* gm = grad_mask.data_ptr<scalar_t>();
+        for (int64_t j = 0; j < units; ++j) gm[j] = static_cast<scalar_t>(total[j]);
+      }
+    });
+    return {grad_data, grad_mask};
+  }
+};
+
+at::Tensor mask_last_axis(const at::Tensor& data, const at::Tensor& mask) { return MaskLastAxis::apply(data, mask); }
+
+// Clamp the embedding to [-bound, bound] in place, outside autograd (as ``.data.clamp_`` does).
+void clamp_embedding(const at::Tensor& embedding, double bound) {
+  check(embedding, "embedding");
+  AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "hat_clamp_embedding", [&] {
+    scalar_t* e = embedding.data_ptr<scalar_t>();
+    const auto c = static_cast<scalar_t>(bound);
+    for (int64_t j = 0, n = embedding.numel(); j < n; ++j) e[j] = e[j] > c ? c : (e[j] < -c ? -c : e[j]);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("soft_mask", &soft_mask);
+  m.def("compensated_embedding_grad", &compensated_embedding_grad);
+  m.def("mask_last_axis", &mask_last_axis);
+  m.def("clamp_embedding", &clamp_embedding);
+}

@@ -1,0 +1,181 @@
+"""The fused CPU kernels (avalanche_hat.mechanism.fused): the PyTorch path's arithmetic to rounding,
+finite at every embedding, a working fallback when they cannot be built, and a switch that turns
+them off."""
+import copy
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche_hat import HATConfig, HATPayload, mark_task_trained
+from avalanche_hat.mechanism import fused
+from avalanche_hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d
+
+S_MAX = 400.0
+HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.fixture
+def kernels():
+    if not fused.build():
+        pytest.skip("the fused CPU kernels cannot be built here")
+    return fused.kernels()
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
+def test_the_kernels_build_and_are_used_where_a_compiler_is():
+    assert fused.build(), "fused_cpu.cpp did not build: see the RuntimeWarning for the compiler's message"
+    layer = HATLinear(4, 3, HATConfig(num_tasks=2))
+    assert fused.usable(layer.mask_embedding) is not None
+    assert fused.usable(layer.mask_embedding.half()) is None  # half precision: the PyTorch path
+    assert fused.usable(layer.weight.t()) is None  # not contiguous
+    with fused.disabled():
+        assert fused.usable(layer.mask_embedding) is None
+    assert fused.usable(layer.mask_embedding) is not None
+
+
+class Net(nn.Module):
+    """Linear layers (mask along the last axis) and a conv layer with a task-indexed batch norm (mask
+    along the channels, folded into the norm)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.conv = HATConv2d(2, 4, 3, cfg, padding=1)
+        self.bn = TaskIndexedBatchNorm2d(4, cfg)
+        self.fc1 = HATLinear(4 * 4 * 4, 16, cfg)
+        self.fc2 = HATLinear(16, 5, cfg)
+
+    def forward(self, x, t, s):
+        p = self.bn(self.conv(HATPayload(x, task_id=t, mask_scale=s))).forward_by(nn.ReLU())
+        p = self.fc1(p.flatten(1)).forward_by(nn.ReLU())
+        return self.fc2(p).data
+
+
+def _steps(net, dtype, tasks=(0, 1), scales=(0.5, 30.0, 400.0)):
+    """Outputs and gradients of a few SGD steps per task (task 1 with half of every layer owned by 0)."""
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    record = []
+    for t in tasks:
+        for s in scales:
+            x = torch.randn(6, 2, 4, 4, generator=gen, dtype=dtype)
+            opt.zero_grad()
+            out = net(x, t, s)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+            record.append(out.detach().clone())
+            record += [p.grad.clone() for p in net.parameters() if p.grad is not None]
+            opt.step()
+        mark_task_trained(net, t)
+    return record
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+def test_a_network_trains_as_with_the_pytorch_operations(kernels, dtype, rtol):
+    torch.manual_seed(0)
+    cfg = HATConfig(num_tasks=2)
+    net = Net(cfg).to(dtype)
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "mask_embedding"):
+                m.mask_embedding.normal_(0, 0.1)  # soft masks well inside (0, 1): every gradient matters
+    twin = copy.deepcopy(net)
+    got = _steps(net, dtype)
+    with fused.disabled():
+        want = _steps(twin, dtype)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        scale = b.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=rtol, atol=rtol)
+    # The two ways differ in rounding only: the embedding gradients are not all zero, so this compares something.
+    assert any(torch.count_nonzero(g) for g in got if g.shape == net.fc1.mask_embedding.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("saturation", [50.0, None])
+def test_soft_mask_and_compensation_are_finite_and_exact_at_every_embedding(kernels, dtype, saturation):
+    values = [-1e4, -60.0, -6.0, -0.3, -1e-8, 0.0, 1e-8, 0.3, 6.0, 60.0, 1e4]
+    for s in (0.0, 1e-3, 1.0, 40.0, S_MAX):
+        emb = torch.tensor([values, [1.0] * len(values)], dtype=dtype, requires_grad=True)
+        mask = kernels.soft_mask(emb, 0, s, S_MAX, 0.0 if saturation is None else saturation, saturation is not None)
+        grad = torch.linspace(-2, 2, len(values), dtype=dtype)
+        mask.backward(grad)
+        e = emb.detach()[0].double()
+        torch.testing.assert_close(mask.double(), torch.sigmoid(s * e), rtol=1e-6, atol=1e-30)
+        # Eq. 3 times the original code's clamp of cosh(s e) at the saturation, in float64.
+        clamp = 50.0 if saturation is None else saturation
+        factor = S_MAX / (2 * (torch.cosh(e) + 1))
+        if saturation is not None:
+            factor = factor * torch.exp(torch.clamp(clamp - s * e.abs(), max=0.0))
+        assert torch.isfinite(emb.grad).all(), f"non-finite compensated gradient at s={s}"
+        torch.testing.assert_close(emb.grad[0].double(), grad.double() * factor, rtol=1e-6, atol=1e-30)
+        assert torch.count_nonzero(emb.grad[1]) == 0  # only the task's row is trained
+
+
+def test_the_mask_product_sums_its_gradient_without_drift_over_many_rows(kernels):
+    torch.manual_seed(0)
+    data = torch.rand(200_000, 3) + 1.0  # all positive: rounding errors cannot cancel
+    mask = torch.rand(3, requires_grad=True)
+    grad = torch.rand(200_000, 3)
+    out = kernels.mask_last_axis(data, mask)
+    assert torch.equal(out, data * mask.detach())
+    out.backward(grad)
+    exact = (grad.double() * data.double()).sum(0)
+    assert ((mask.grad.double() - exact).abs() / exact).max() < 1e-6
+
+
+def test_a_failed_build_warns_once_and_layers_use_the_pytorch_operations(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(fused, "_state", {"enabled": True, "kernels": None, "tried": False})
+    layer = HATLinear(4, 3, HATConfig(num_tasks=2))
+    with pytest.warns(RuntimeWarning, match="could not build its fused CPU kernels.*command not found"):
+        out = layer(HATPayload(torch.randn(2, 4), task_id=0, mask_scale=10.0))
+    out.data.sum().backward()
+    assert layer.mask_embedding.grad[0].abs().sum() > 0
+    assert not fused.build() and fused.usable(layer.mask_embedding) is None  # no second try, no second warning
+
+
+def test_the_environment_switches_the_kernels_off_without_building(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("built although AVALANCHE_HAT_FUSED=0")
+
+    monkeypatch.setattr(cpp_extension, "load", must_not_build)
+    monkeypatch.setattr(fused, "_state", {"enabled": None, "kernels": None, "tried": False})
+    monkeypatch.setenv("AVALANCHE_HAT_FUSED", "0")
+    layer = HATLinear(4, 3, HATConfig(num_tasks=2))
+    layer(HATPayload(torch.randn(2, 4), task_id=0, mask_scale=10.0)).data.sum().backward()
+    assert fused.kernels() is None and layer.mask_embedding.grad is not None
+
+
+def test_vmap_takes_the_pytorch_operations(kernels):
+    """Task inference runs a network under torch.func.vmap, where C++ autograd functions cannot run."""
+    layer = HATLinear(4, 3, HATConfig(num_tasks=2)).eval()
+    xs = torch.randn(5, 2, 4)
+    batched = torch.func.vmap(lambda x: layer(HATPayload(x, task_id=0)).data)(xs)
+    one_by_one = torch.stack([layer(HATPayload(x, task_id=0)).data for x in xs])
+    torch.testing.assert_close(batched, one_by_one)
+
+
+def test_the_mask_product_gives_the_same_bits_on_any_number_of_threads(kernels):
+    torch.manual_seed(0)
+    data, grad = torch.randn(3000, 40), torch.randn(3000, 40)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            x, m = data.clone().requires_grad_(), torch.rand(40, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            out = kernels.mask_last_axis(x, m)
+            out.backward(grad)
+            results.append((out.detach(), x.grad, m.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
