@@ -6,7 +6,10 @@ on the weights as well). A step is forward, backward from a dense upstream gradi
 network) and dropping the gradients (``optimizer.zero_grad()``), on both sides.
 
     python benchmarks/layer_overhead.py [--rounds 301] [--steps 1] [--device cpu] [--threads 1] [--clock process]
-                                        [--only Linear]
+                                        [--only Linear] [--pytorch-ops]
+
+On the CPU the HAT layers use avalanche_hat's fused kernels (built before timing); ``--pytorch-ops``
+measures the PyTorch operations they replace (the path taken where the kernels cannot be built).
 
 On a CPU shared with other jobs, time one thread by the CPU time of this process (the default):
 with several threads OpenMP waits for busy cores and small operations look many times slower.
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from avalanche_hat import HATConfig, HATPayload, mark_task_trained
+from avalanche_hat.mechanism import fused
 from avalanche_hat.modules import HATConv2d, HATLinear, TaskIndexedBatchNorm2d, TaskIndexedLayerNorm
 
 
@@ -89,7 +93,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     parser.add_argument("--clock", choices=("process", "wall"), default="process")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    parser.add_argument("--pytorch-ops", action="store_true",
+                        help="HAT layers without the fused CPU kernels (PyTorch operations only)")
     args = parser.parse_args(argv)
+    if args.pytorch_ops:
+        with fused.disabled():
+            return run(args)
+    fused.build()  # before timing: the first build takes about 30 s
+    return run(args)
+
+
+def run(args) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +111,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     cfg = HATConfig(num_tasks=2)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"{'process' if clock is time.process_time else 'wall'} clock, median of {args.rounds} interleaved rounds")
+          f"{'process' if clock is time.process_time else 'wall'} clock, median of {args.rounds} interleaved rounds, "
+          f"fused CPU kernels {'in use' if fused.kernels() is not None else 'off'}")
     print(f"{'case':<55} {'HAT task':<22} {'plain ms':>9} {'HAT ms':>9} {'ratio':>7}")
     for name, plain, hat, x, run_plain, run_hat in cases(cfg, device):
         if args.only not in name:

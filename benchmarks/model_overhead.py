@@ -199,6 +199,10 @@ def main() -> None:
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from avalanche_hat.mechanism import fused
+
+    print(f"fused CPU kernels {'in use' if fused.build() else 'off'} (built before timing; AVALANCHE_HAT_FUSED=0 "
+          "measures the PyTorch operations)")
     global clock, WITH_REG
     clock = CLOCKS[args.clock]
     WITH_REG = not args.no_reg

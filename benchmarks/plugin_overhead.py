@@ -99,6 +99,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from avalanche_hat.mechanism import fused
+
+    print(f"fused CPU kernels {'in use' if fused.build() else 'off'} (built before timing; AVALANCHE_HAT_FUSED=0 "
+          "measures the PyTorch operations)")
     clock = CLOCKS[args.clock]
     stream = tensor_stream(args.batch, args.iterations, args.channels, args.size)
     experience = stream.train_stream[1]  # task 1
