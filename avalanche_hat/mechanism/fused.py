@@ -87,6 +87,11 @@ def usable(tensor: torch.Tensor, other: torch.Tensor | None = None):
     return _state["kernels"] if _state["tried"] else kernels()
 
 
+def saturation_args(saturation: float | None) -> tuple[float, bool]:
+    """The kernels' form of Eq. 3's clamp of ``s e`` (``None``: no clamp): its value and whether it applies."""
+    return (0.0, False) if saturation is None else (float(saturation), True)
+
+
 def build() -> bool:
     """Build the kernels now (e.g. before timing or forking workers); True if they are in use."""
     return kernels() is not None

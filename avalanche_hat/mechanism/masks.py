@@ -199,7 +199,11 @@ class _MaskedNullifiedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, embedding, out_owned, in_owned, task_id, scale, max_scale, compensate, saturation):
-        mask = torch.sigmoid(embedding[task_id] * scale)
+        kernels = fused.usable(embedding) if compensate else None
+        if kernels is not None:  # the same loop as the layer's other paths (see HATModule._mask)
+            mask = kernels.soft_mask(embedding, task_id, scale, max_scale, *fused.saturation_args(saturation))
+        else:
+            mask = torch.sigmoid(embedding[task_id] * scale)
         ctx.save_for_backward(x, weight, out_owned, in_owned, embedding, mask)
         ctx.has_bias = bias is not None
         ctx.hat = (task_id, scale, max_scale, compensate, saturation)
@@ -214,17 +218,15 @@ class _MaskedNullifiedLinear(torch.autograd.Function):
             task_id, scale, max_scale, compensate, saturation = ctx.hat
             kernels = fused.usable(embedding) if compensate else None
             if kernels is not None:
-                return (grad_x, grad_w, grad_b,
-                        kernels.compensated_embedding_grad(grad_mask, embedding, task_id, scale, max_scale,
-                                                           0.0 if saturation is None else float(saturation),
-                                                           saturation is not None),
-                        None, None, None, None, None, None, None)
-            if compensate:
-                row = compensated_grad(grad_mask, embedding[task_id], scale, max_scale, saturation)
+                grad_e = kernels.compensated_embedding_grad(grad_mask, embedding, task_id, scale, max_scale,
+                                                            *fused.saturation_args(saturation))
             else:
-                row = grad_mask * mask * (1.0 - mask) * scale
-            grad_e = torch.zeros_like(embedding)
-            grad_e[task_id] = row
+                if compensate:
+                    row = compensated_grad(grad_mask, embedding[task_id], scale, max_scale, saturation)
+                else:
+                    row = grad_mask * mask * (1.0 - mask) * scale
+                grad_e = torch.zeros_like(embedding)
+                grad_e[task_id] = row
         return grad_x, grad_w, grad_b, grad_e, None, None, None, None, None, None, None
 
 

@@ -74,9 +74,8 @@ class HATModule(nn.Module):
         if cfg.gradient_compensation:
             kernels = fused.usable(embedding)
             if kernels is not None:  # one loop each way instead of a chain of small operations
-                saturation = cfg.compensation_clamp
                 return kernels.soft_mask(embedding, task_id, float(mask_scale), float(cfg.max_mask_scale),
-                                         0.0 if saturation is None else float(saturation), saturation is not None)
+                                         *fused.saturation_args(cfg.compensation_clamp))
         return soft_mask(embedding[task_id], mask_scale, cfg.max_mask_scale, cfg.gradient_compensation,
                          cfg.compensation_clamp)
 
