@@ -107,7 +107,7 @@ def test_half_precision_layer_trains_with_finite_gradients():
     assert torch.isfinite(layer.mask_embedding.grad).all() and torch.isfinite(layer.weight.grad).all()
 
 
-def test_embeddings_are_clamped_in_training():
+def test_embeddings_are_clamped_in_training(hat_kernels):
     cfg = HATConfig(num_tasks=1, embedding_clamp=6.0)
     layer = HATLinear(2, 3, cfg)
     with torch.no_grad():
