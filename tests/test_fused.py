@@ -179,3 +179,36 @@ def test_the_mask_product_gives_the_same_bits_on_any_number_of_threads(kernels):
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("owned_rows", [[], [4], [0, 2, 5], list(range(9))])  # none, few, a third+, all
+@pytest.mark.parametrize("inputs", ["unknown", "mixed", "all owned"])
+@pytest.mark.parametrize("shape", [(3, 7), (40, 7), (2, 5, 7)])  # fewer and more samples than inputs; tokens
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_one_node_linear_step_gives_the_python_nodes_bits(kernels, owned_rows, inputs, shape, bias):
+    """A later task's linear step (Eq. 2 by index, the soft mask, Eq. 3) in C++ must give exactly what
+    masks._MaskedNullifiedLinear gives: outputs and every gradient, torch.equal."""
+    from avalanche_hat.mechanism.masks import _MaskedNullifiedLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    w, b = torch.randn(9, 7, requires_grad=True), torch.randn(9, requires_grad=True) if bias else None
+    emb = (torch.randn(3, 9) * 0.2).requires_grad_()
+    out_owned = torch.zeros(9)
+    out_owned[owned_rows] = 1.0
+    in_owned = {"unknown": None, "mixed": torch.tensor([1.0, 0, 1, 1, 0, 0, 1]), "all owned": torch.ones(7)}[inputs]
+    upstream = torch.randn(*shape[:-1], 9)
+    leaves = [t for t in (x, w, b, emb) if t is not None]
+
+    def step(fn):
+        for t in leaves:
+            t.grad = None
+        out, mask = fn(x, w, b, emb, out_owned, in_owned, 1, 7.5, S_MAX, 50.0, True)
+        (out * mask * upstream).sum().backward()
+        return [out.detach(), mask.detach()] + [t.grad.clone() for t in leaves]
+
+    got = step(kernels.masked_nullified_linear)
+    want = step(lambda *a: _MaskedNullifiedLinear.apply(*a[:9], True, 50.0))
+    for a, b_ in zip(got, want):
+        assert torch.equal(a, b_)
+    assert torch.count_nonzero(got[-1][1]) > 0 and torch.count_nonzero(got[-1][[0, 2]]) == 0

@@ -56,21 +56,27 @@ at::Tensor compensated_embedding_grad(const at::Tensor& grad_mask, const at::Ten
   return out;
 }
 
-// a = sigmoid(s e_t) (Eq. 1) whose backward is the compensated gradient of Eq. 3.
+// a = sigmoid(s e_t) (Eq. 1), row task_id of the (tasks x units) embedding.
+at::Tensor soft_mask_values(const at::Tensor& embedding, int64_t task_id, double scale) {
+  check(embedding, "embedding");
+  TORCH_CHECK(embedding.dim() == 2 && task_id >= 0 && task_id < embedding.size(0), "task ", task_id,
+              " is not a row of the mask embedding");
+  const int64_t units = embedding.size(1);
+  at::Tensor mask = at::empty({units}, embedding.options());
+  AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "hat_soft_mask", [&] {
+    const scalar_t* e = embedding.data_ptr<scalar_t>() + task_id * units;
+    scalar_t* a = mask.data_ptr<scalar_t>();
+    const auto s = static_cast<scalar_t>(scale);
+    for (int64_t j = 0; j < units; ++j) a[j] = scalar_t(1) / (scalar_t(1) + std::exp(-s * e[j]));
+  });
+  return mask;
+}
+
+// The soft mask whose backward is the compensated gradient of Eq. 3.
 struct SoftMask : public torch::autograd::Function<SoftMask> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embedding, int64_t task_id, double scale,
                             double max_scale, double saturation, bool saturate) {
-    check(embedding, "embedding");
-    TORCH_CHECK(embedding.dim() == 2 && task_id >= 0 && task_id < embedding.size(0), "task ", task_id,
-                " is not a row of the mask embedding");
-    const int64_t units = embedding.size(1);
-    at::Tensor mask = at::empty({units}, embedding.options());
-    AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "hat_soft_mask", [&] {
-      const scalar_t* e = embedding.data_ptr<scalar_t>() + task_id * units;
-      scalar_t* a = mask.data_ptr<scalar_t>();
-      const auto s = static_cast<scalar_t>(scale);
-      for (int64_t j = 0; j < units; ++j) a[j] = scalar_t(1) / (scalar_t(1) + std::exp(-s * e[j]));
-    });
+    at::Tensor mask = soft_mask_values(embedding, task_id, scale);
     ctx->save_for_backward({embedding});
     ctx->saved_data["task_id"] = task_id;
     ctx->saved_data["scale"] = scale;
@@ -95,6 +101,101 @@ at::Tensor soft_mask(const at::Tensor& embedding, int64_t task_id, double scale,
   return SoftMask::apply(embedding, task_id, scale, max_scale, saturation, saturate);
 }
 
+// Units whose 0/1 ownership is on, as indices.
+std::vector<int64_t> owned_indices(const at::Tensor& owned, bool on) {
+  const at::Tensor flags = owned.to(at::kDouble).contiguous();
+  const double* f = flags.data_ptr<double>();
+  std::vector<int64_t> rows;
+  for (int64_t i = 0, n = flags.numel(); i < n; ++i)
+    if ((f[i] > 0) == on) rows.push_back(i);
+  return rows;
+}
+
+at::Tensor index_tensor(const std::vector<int64_t>& rows) {
+  return at::tensor(at::IntArrayRef(rows), at::TensorOptions().dtype(at::kLong));
+}
+
+// The weight gradient of F.linear, grad2d^T x2d, with Eq. 2 applied by index: rows of owned outputs
+// are zeroed where their input is owned too (the whole row when the inputs' ownership is unknown).
+// Once a third or more of the outputs are owned with every input owned, the frozen rows' share of
+// the product is skipped. The same operations, in the same order, as masks._nullified_weight_grad.
+at::Tensor nullified_weight_grad(const at::Tensor& grad2d, const at::Tensor& x2d, const at::Tensor& out_owned,
+                                 const at::Tensor& in_owned) {
+  const std::vector<int64_t> rows = owned_indices(out_owned, true);
+  const int64_t outputs = out_owned.numel();
+  const bool many = !rows.empty() && 3 * static_cast<int64_t>(rows.size()) >= outputs;
+  const bool inputs_all_owned = !in_owned.defined() || owned_indices(in_owned, false).empty();
+  if (many && inputs_all_owned) {
+    const std::vector<int64_t> free = owned_indices(out_owned, false);
+    at::Tensor grad_w = at::zeros({grad2d.size(1), x2d.size(1)}, grad2d.options());
+    if (!free.empty()) {
+      const at::Tensor index = index_tensor(free);
+      grad_w.index_copy_(0, index, grad2d.index_select(1, index).t().mm(x2d));
+    }
+    return grad_w;
+  }
+  at::Tensor grad_w = grad2d.t().mm(x2d);
+  if (rows.empty()) return grad_w;
+  const at::Tensor index = index_tensor(rows);
+  if (!in_owned.defined()) return grad_w.index_fill_(0, index, 0.0);
+  return grad_w.index_copy_(0, index, grad_w.index_select(0, index).masked_fill_(in_owned > 0, 0.0));
+}
+
+// A HAT linear layer's training step as one autograd node: (F.linear(x, weight, bias), the soft
+// mask), with Eq. 2 on the weight and bias gradients and Eq. 3 on the embedding's. The Python
+// version is masks._MaskedNullifiedLinear; this one gives the same bits without its interpreter work.
+struct MaskedNullifiedLinear : public torch::autograd::Function<MaskedNullifiedLinear> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& embedding, const at::Tensor& out_owned,
+                               const at::Tensor& in_owned, int64_t task_id, double scale, double max_scale,
+                               double saturation, bool saturate) {
+    const at::Tensor mask = soft_mask_values(embedding, task_id, scale);
+    // An absent bias or input ownership arrives as an empty tensor (autograd functions take no undefined ones).
+    const bool has_bias = bias.numel() > 0, has_in_owned = in_owned.numel() > 0;
+    ctx->save_for_backward({x, weight, out_owned, in_owned, embedding});
+    ctx->saved_data["has_in_owned"] = has_in_owned;
+    ctx->saved_data["task_id"] = task_id;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["max_scale"] = max_scale;
+    ctx->saved_data["saturation"] = saturation;
+    ctx->saved_data["saturate"] = saturate;
+    ctx->saved_data["has_bias"] = has_bias;
+    return {at::linear(x, weight, has_bias ? c10::optional<at::Tensor>(bias) : c10::nullopt), mask};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &out_owned = saved[2];
+    const at::Tensor in_owned = ctx->saved_data["has_in_owned"].toBool() ? saved[3] : at::Tensor();
+    const at::Tensor& embedding = saved[4];
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_x, grad_w, grad_b, grad_e;
+    if (ctx->needs_input_grad(0)) grad_x = grad.matmul(weight);
+    const at::Tensor grad2d = grad.reshape({-1, grad.size(-1)});
+    if (ctx->needs_input_grad(1))
+      grad_w = nullified_weight_grad(grad2d, x.reshape({-1, x.size(-1)}), out_owned, in_owned);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
+      grad_b = grad2d.sum(0).mul_(1.0 - out_owned);
+    if (ctx->needs_input_grad(3))
+      grad_e = compensated_embedding_grad(grads[1], embedding, ctx->saved_data["task_id"].toInt(),
+                                          ctx->saved_data["scale"].toDouble(), ctx->saved_data["max_scale"].toDouble(),
+                                          ctx->saved_data["saturation"].toDouble(), ctx->saved_data["saturate"].toBool());
+    return {grad_x, grad_w, grad_b, grad_e, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::vector<at::Tensor> masked_nullified_linear(const at::Tensor& x, const at::Tensor& weight,
+                                                const c10::optional<at::Tensor>& bias, const at::Tensor& embedding,
+                                                const at::Tensor& out_owned, const c10::optional<at::Tensor>& in_owned,
+                                                int64_t task_id, double scale, double max_scale, double saturation,
+                                                bool saturate) {
+  const at::Tensor none = at::empty({0}, weight.options());
+  return MaskedNullifiedLinear::apply(x, weight, bias.value_or(none), embedding, out_owned,
+                                      in_owned.has_value() ? *in_owned : none, task_id, scale, max_scale,
+                                      saturation, saturate);
+}
+
 template <typename T>
 inline void scale_row(T* __restrict__ out, const T* __restrict__ in, const T* __restrict__ factor, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = in[j] * factor[j];
@@ -105,8 +206,8 @@ inline void accumulate_product(T* __restrict__ sum, const T* __restrict__ u, con
   for (int64_t j = 0; j < n; ++j) sum[j] += u[j] * v[j];
 }
 
-// data * mask along the last axis. Its backward is one pass over the upstream gradient for both
-// results: d data = grad * mask and d mask = sum over rows of grad * data (accumulated in double).
+// data * mask along the last axis, on PyTorch's threads. Its backward is one pass over the upstream
+// gradient for both results: d data = grad * mask and d mask = sum over rows of grad * data.
 struct MaskLastAxis : public torch::autograd::Function<MaskLastAxis> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& data, const at::Tensor& mask) {
     check(data, "data");
@@ -192,4 +293,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compensated_embedding_grad", &compensated_embedding_grad);
   m.def("mask_last_axis", &mask_last_axis);
   m.def("clamp_embedding", &clamp_embedding);
+  m.def("masked_nullified_linear", &masked_nullified_linear);
 }

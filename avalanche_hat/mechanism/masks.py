@@ -233,7 +233,14 @@ class _MaskedNullifiedLinear(torch.autograd.Function):
 def masked_nullified_linear(x, weight, bias, embedding, out_owned, in_owned, task_id: int, scale: float,
                             max_scale: float, compensate: bool = True, saturation: float | None = 50.0):
     """``(F.linear(x, weight, bias), sigmoid(scale * embedding[task_id]))`` in one autograd node, with
-    Eq. 2 on the weight and bias gradients and Eq. 3 on the embedding's (see :func:`soft_mask`)."""
+    Eq. 2 on the weight and bias gradients and Eq. 3 on the embedding's (see :func:`soft_mask`).
+    On the CPU the fused kernels' version of the node does the same operations without the
+    interpreter's work (same bits)."""
+    kernels = fused.usable(embedding, weight) if compensate else None
+    if kernels is not None and x.dtype == weight.dtype and x.is_cpu and not torch.is_autocast_enabled("cpu"):
+        out, mask = kernels.masked_nullified_linear(x, weight, bias, embedding, out_owned, in_owned, task_id,
+                                                    float(scale), float(max_scale), *fused.saturation_args(saturation))
+        return out, mask
     return _MaskedNullifiedLinear.apply(x, weight, bias, embedding, out_owned, in_owned, task_id, float(scale),
                                         float(max_scale), compensate, saturation)
 
