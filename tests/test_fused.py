@@ -212,3 +212,23 @@ def test_the_one_node_linear_step_gives_the_python_nodes_bits(kernels, owned_row
     for a, b_ in zip(got, want):
         assert torch.equal(a, b_)
     assert torch.count_nonzero(got[-1][1]) > 0 and torch.count_nonzero(got[-1][[0, 2]]) == 0
+
+
+@pytest.mark.parametrize("task_id", [0, 1])  # the free path and the one-node path
+def test_cpu_autocast_trains_through_the_pytorch_operations(kernels, task_id):
+    """Under CPU autocast the layer computes in bfloat16, which the kernels do not take: a task's
+    step must still train, with Eq. 2 keeping task 0's units frozen."""
+    torch.manual_seed(0)
+    layer = HATLinear(8, 6, HATConfig(num_tasks=2))
+    with torch.no_grad():
+        layer.mask_embedding[0] = torch.tensor([1.0, -1, 1, -1, -1, -1])
+    mark_task_trained(layer, 0)
+    layer.hat_trained[0] = task_id == 1  # task 0 trains with nothing owned; task 1 with units 0 and 2 owned
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(HATPayload(torch.randn(5, 8), task_id=task_id, mask_scale=10.0)).data
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(layer.mask_embedding.grad).all()
+    owned = [0, 2] if task_id == 1 else []
+    assert torch.count_nonzero(layer.weight.grad[owned]) == 0
+    assert torch.count_nonzero(layer.weight.grad[[1, 3]]) > 0
