@@ -8,6 +8,9 @@ network) and dropping the gradients (``optimizer.zero_grad()``), on both sides.
     python benchmarks/layer_overhead.py [--rounds 301] [--steps 1] [--device cpu] [--threads 1] [--clock process]
                                         [--only Linear] [--pytorch-ops]
 
+"extra ms" is the median of the paired differences: on the 16->16 layer, whose arithmetic is
+nothing, it is HAT's fixed cost per step (``--only 16->16 --rounds 3001``).
+
 On the CPU the HAT layers use avalanche_hat's fused kernels (built before timing); ``--pytorch-ops``
 measures the PyTorch operations they replace (the path taken where the kernels cannot be built).
 
@@ -49,6 +52,11 @@ def cases(cfg: HATConfig, device):
         x = torch.randn(64, 784, device=device)
         return "Linear 784->400, batch 64", plain, hat, x, lambda m, x: m(x), lambda m, x: m(x).data
 
+    def tiny_linear():  # almost no arithmetic: the difference of the two times is HAT's fixed cost per step
+        plain, hat = nn.Linear(16, 16), HATLinear(16, 16, cfg)
+        x = torch.randn(4, 16, device=device)
+        return "Linear 16->16, batch 4 (fixed cost)", plain, hat, x, lambda m, x: m(x), lambda m, x: m(x).data
+
     def conv_bn():
         plain = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64))
         hat = nn.ModuleList([HATConv2d(64, 64, 3, cfg, padding=1, bias=False), TaskIndexedBatchNorm2d(64, cfg)])
@@ -71,7 +79,7 @@ def cases(cfg: HATConfig, device):
         return ("Linear 192->768 + LayerNorm, 32x197 tokens", plain, hat, x,
                 lambda m, x: m(x), lambda m, x: m[1](m[0](x)).data)
 
-    return [linear(), hidden_linear(), mlp_linear(), conv_bn(), conv_relu(), linear_ln()]
+    return [linear(), hidden_linear(), mlp_linear(), tiny_linear(), conv_bn(), conv_relu(), linear_ln()]
 
 
 def time_steps(fn, steps: int, device, clock=time.perf_counter) -> float:
@@ -113,7 +121,7 @@ def run(args) -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{'process' if clock is time.process_time else 'wall'} clock, median of {args.rounds} interleaved rounds, "
           f"fused CPU kernels {'in use' if fused.kernels() is not None else 'off'}")
-    print(f"{'case':<55} {'HAT task':<22} {'plain ms':>9} {'HAT ms':>9} {'ratio':>7}")
+    print(f"{'case':<55} {'HAT task':<22} {'plain ms':>9} {'HAT ms':>9} {'extra ms':>9} {'ratio':>7}")
     for name, plain, hat, x, run_plain, run_hat in cases(cfg, device):
         if args.only not in name:
             continue
@@ -130,8 +138,9 @@ def run(args) -> None:
             payload = HATPayload(x, task_id=task_id, mask_scale=50.0)
             tp, th, ratios = measure(lambda: step(plain, run_plain(plain, x), grad, x),
                                      lambda: step(hat, run_hat(hat, payload), grad, x), args, device, clock)
-            print(f"{name:<55} {label:<22} {1e3 * statistics.median(tp):9.2f} {1e3 * statistics.median(th):9.2f} "
-                  f"{statistics.median(ratios):7.3f}")
+            extra = statistics.median(b - a for a, b in zip(tp, th))  # median of the paired differences
+            print(f"{name:<55} {label:<22} {1e3 * statistics.median(tp):9.3f} {1e3 * statistics.median(th):9.3f} "
+                  f"{1e3 * extra:9.3f} {statistics.median(ratios):7.3f}")
 
 
 def step(module: nn.Module, out: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
