@@ -72,26 +72,34 @@ at::Tensor soft_mask_values(const at::Tensor& embedding, int64_t task_id, double
   return mask;
 }
 
+// What a node needs from forward to backward for the embedding's gradient (Eq. 3), and that gradient.
+void save_mask_arguments(AutogradContext* ctx, int64_t task_id, double scale, double max_scale, double saturation,
+                         bool saturate) {
+  ctx->saved_data["task_id"] = task_id;
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["max_scale"] = max_scale;
+  ctx->saved_data["saturation"] = saturation;
+  ctx->saved_data["saturate"] = saturate;
+}
+
+at::Tensor saved_embedding_grad(AutogradContext* ctx, const at::Tensor& grad_mask, const at::Tensor& embedding) {
+  return compensated_embedding_grad(grad_mask, embedding, ctx->saved_data["task_id"].toInt(),
+                                    ctx->saved_data["scale"].toDouble(), ctx->saved_data["max_scale"].toDouble(),
+                                    ctx->saved_data["saturation"].toDouble(), ctx->saved_data["saturate"].toBool());
+}
+
 // The soft mask whose backward is the compensated gradient of Eq. 3.
 struct SoftMask : public torch::autograd::Function<SoftMask> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embedding, int64_t task_id, double scale,
                             double max_scale, double saturation, bool saturate) {
     at::Tensor mask = soft_mask_values(embedding, task_id, scale);
     ctx->save_for_backward({embedding});
-    ctx->saved_data["task_id"] = task_id;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["max_scale"] = max_scale;
-    ctx->saved_data["saturation"] = saturation;
-    ctx->saved_data["saturate"] = saturate;
+    save_mask_arguments(ctx, task_id, scale, max_scale, saturation, saturate);
     return mask;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor embedding = ctx->get_saved_variables()[0];
-    at::Tensor grad = compensated_embedding_grad(
-        grads[0], embedding, ctx->saved_data["task_id"].toInt(), ctx->saved_data["scale"].toDouble(),
-        ctx->saved_data["max_scale"].toDouble(), ctx->saved_data["saturation"].toDouble(),
-        ctx->saved_data["saturate"].toBool());
+    const at::Tensor grad = saved_embedding_grad(ctx, grads[0], ctx->get_saved_variables()[0]);
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -154,11 +162,7 @@ struct MaskedNullifiedLinear : public torch::autograd::Function<MaskedNullifiedL
     const bool has_bias = bias.numel() > 0, has_in_owned = in_owned.numel() > 0;
     ctx->save_for_backward({x, weight, out_owned, in_owned, embedding});
     ctx->saved_data["has_in_owned"] = has_in_owned;
-    ctx->saved_data["task_id"] = task_id;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["max_scale"] = max_scale;
-    ctx->saved_data["saturation"] = saturation;
-    ctx->saved_data["saturate"] = saturate;
+    save_mask_arguments(ctx, task_id, scale, max_scale, saturation, saturate);
     ctx->saved_data["has_bias"] = has_bias;
     return {at::linear(x, weight, has_bias ? c10::optional<at::Tensor>(bias) : c10::nullopt), mask};
   }
@@ -177,9 +181,7 @@ struct MaskedNullifiedLinear : public torch::autograd::Function<MaskedNullifiedL
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
       grad_b = grad2d.sum(0).mul_(1.0 - out_owned);
     if (ctx->needs_input_grad(3))
-      grad_e = compensated_embedding_grad(grads[1], embedding, ctx->saved_data["task_id"].toInt(),
-                                          ctx->saved_data["scale"].toDouble(), ctx->saved_data["max_scale"].toDouble(),
-                                          ctx->saved_data["saturation"].toDouble(), ctx->saved_data["saturate"].toBool());
+      grad_e = saved_embedding_grad(ctx, grads[1], embedding);
     return {grad_x, grad_w, grad_b, grad_e, at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
