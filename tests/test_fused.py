@@ -2,6 +2,7 @@
 finite at every embedding, a working fallback when they cannot be built, and a switch that turns
 them off."""
 import copy
+import os
 import shutil
 
 import pytest
@@ -124,13 +125,14 @@ def test_the_mask_product_sums_its_gradient_without_drift_over_many_rows(kernels
     assert ((mask.grad.double() - exact).abs() / exact).max() < 1e-6
 
 
-def test_a_failed_build_warns_once_and_layers_use_the_pytorch_operations(monkeypatch):
+def test_a_failed_build_warns_once_and_layers_use_the_pytorch_operations(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: c++: command not found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache: nothing built to load
     monkeypatch.setattr(fused, "_state", {"enabled": True, "kernels": None, "tried": False})
     layer = HATLinear(4, 3, HATConfig(num_tasks=2))
     with pytest.warns(RuntimeWarning, match="could not build its fused CPU kernels.*command not found"):
@@ -152,6 +154,61 @@ def test_the_environment_switches_the_kernels_off_without_building(monkeypatch):
     layer = HATLinear(4, 3, HATConfig(num_tasks=2))
     layer(HATPayload(torch.randn(2, 4), task_id=0, mask_scale=10.0)).data.sum().backward()
     assert fused.kernels() is None and layer.mask_embedding.grad is not None
+
+
+def test_the_cache_entry_changes_with_the_source_and_the_environment():
+    """Two virtual environments (or torch builds, compilers, Pythons, package releases) never share,
+    and so never overwrite, one cache entry; an unchanged environment finds its own again."""
+    source = fused._SOURCE.read_bytes()
+    env = fused.build_environment()
+    name = fused.cache_name(source, env)
+    assert name == fused.cache_name(source, fused.build_environment())  # stable within an environment
+    assert fused.cache_name(source + b"\n// edited", env) != name
+    changes = {
+        "torch": "9.9.9", "torch_git": "0123abcd", "torch_location": "/other/venv/lib/site-packages/torch",
+        "python": "3.99.0", "cflags": ["-O2"], "compiler": {"cxx": "clang++", "path": "/usr/bin/clang++"},
+    }
+    for key, value in changes.items():
+        assert fused.cache_name(source, {**env, key: value}) != name, f"{key} does not change the cache entry"
+    assert env["torch_location"] == os.path.realpath(os.path.dirname(torch.__file__))
+    assert fused.cache_dir().parent == fused.cache_root()
+
+
+def test_a_build_says_what_it_does_and_where_it_is_cached(monkeypatch, tmp_path, capfd):
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def fake_build(**kwargs):
+        calls.append(kwargs)
+        return "compiled module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "_state", {"enabled": True, "kernels": None, "tried": False})
+    assert fused.kernels() == "compiled module"
+    err = capfd.readouterr().err
+    folder = tmp_path / "avalanche_hat" / fused.cache_name(fused._SOURCE.read_bytes(), fused.build_environment())
+    assert len(calls) == 1 and calls[0]["build_directory"] == str(folder) and calls[0]["name"] == folder.name
+    before, _, after = err.partition("ready")
+    assert "compiling the fused CPU kernels" in before and "minutes" in before
+    assert str(folder) in before and "AVALANCHE_HAT_FUSED=0" in before  # where, and how to skip it
+    assert str(folder) in after  # and when it is done
+    assert (folder / "built.json").is_file()
+
+
+def test_a_later_process_loads_the_cached_build_without_building_or_printing(kernels, monkeypatch, capfd):
+    from torch.utils import cpp_extension
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("rebuilt although this environment's build is cached")
+
+    monkeypatch.setattr(cpp_extension, "load", must_not_build)
+    monkeypatch.setattr(fused, "_state", {"enabled": True, "kernels": None, "tried": False})  # a new process
+    capfd.readouterr()
+    module = fused.kernels()
+    assert module is not None and hasattr(module, "soft_mask")
+    assert capfd.readouterr().err == ""
 
 
 def test_vmap_takes_the_pytorch_operations(kernels):
