@@ -17,7 +17,7 @@ from .network import (
     recorded_masks,
     trained_tasks,
 )
-from .payload import HATPayload
+from .payload import HATPayload, check_network_output
 
 __version__ = "0.1.0"
 
@@ -37,7 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "HATConfig", "HATPayload", "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
+    "HATConfig", "HATPayload", "check_network_output", "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
     "ConstantMaskScale", "CosineMaskScale", "LinearMaskScale", "MaskScaleSchedule",
     "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",

@@ -2,8 +2,10 @@
 the last HAT layer (applied lazily) and which of its units earlier tasks own."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -38,6 +40,19 @@ def _along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[dim] = vector.numel()
     return vector.view(shape)
+
+# The autograd nodes of the masked outputs (``HATPayload.data``) computed inside watch_masked_outputs().
+_MASKED_OUTPUTS: ContextVar["list | None"] = ContextVar("avalanche_hat_masked_outputs", default=None)
+# Autograd nodes that only copy, index, join or reshape: a tensor built through them from a HAT
+# layer's masked output (as Avalanche's MultiTaskModule copies each task's output into one tensor)
+# still is that output.
+_COPY_NODES = frozenset({
+    "IndexPutBackward0", "CopySlices", "CatBackward0", "StackBackward0", "SliceBackward0", "SelectBackward0",
+    "IndexBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0",
+    "CloneBackward0", "ToCopyBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "ExpandBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0",
+    "SplitBackward0", "SplitWithSizesBackward0", "NarrowBackward0",
+})
 
 
 class HATPayload:
@@ -108,11 +123,16 @@ class HATPayload:
         if self._mask is None:
             return self._data
         data, mask = self._data, _as(self._mask, self._data.dtype)
-        if self.mask_dim == data.ndim - 1:
-            kernels = fused.usable(data, mask)
-            if kernels is not None:  # one pass each way; its backward yields both gradients in one pass
-                return kernels.mask_last_axis(data, mask)
-        return data * _along(mask, self.mask_dim, data.ndim)
+        kernels = fused.usable(data, mask) if self.mask_dim == data.ndim - 1 else None
+        if kernels is not None:  # one pass each way; its backward yields both gradients in one pass
+            out = kernels.mask_last_axis(data, mask)
+        else:
+            out = data * _along(mask, self.mask_dim, data.ndim)
+        out._hat_masked_output = True  # a HAT layer's masked output: see check_network_output
+        watched = _MASKED_OUTPUTS.get()
+        if watched is not None and out.grad_fn is not None:
+            watched.append(out.grad_fn)
+        return out
 
     @property
     def unmasked_data(self) -> torch.Tensor:
@@ -325,3 +345,57 @@ class HATPayload:
                 owned = torch.maximum(owned, p.ownership)
             return first.derive(data, mask_dim=first.mask_dim, ownership=owned)
         return first.derive(data)
+
+
+@contextlib.contextmanager
+def watch_masked_outputs() -> Iterator[list]:
+    """Record the HAT layers' masked outputs computed in the block, for
+    ``check_network_output(output, watched)`` on an output that was copied after the network (as
+    Avalanche's ``MultiTaskModule.forward`` does with each task's output)."""
+    watched: list = []
+    token = _MASKED_OUTPUTS.set(watched)
+    try:
+        yield watched
+    finally:
+        _MASKED_OUTPUTS.reset(token)
+
+
+def _copied_from(output: torch.Tensor, watched: list, limit: int = 64) -> bool:
+    """Whether ``output`` is one of the ``watched`` autograd nodes' tensors, through copy nodes only."""
+    targets = {id(node) for node in watched}
+    stack, seen = [output.grad_fn], 0
+    while stack and seen < limit:
+        node = stack.pop()
+        seen += 1
+        if node is None:
+            continue
+        if id(node) in targets:
+            return True
+        if type(node).__name__ in _COPY_NODES:
+            stack.extend(f for f, _ in node.next_functions)
+    return False
+
+
+def check_network_output(output, watched: list | None = None) -> None:
+    """Refuse a network whose output is a HAT layer's masked output (a ``HATLinear`` as the classifier).
+
+    The usage penalty drives a task's masks towards using as few units as it needs; on an output
+    layer those units are the classes, so it switches them off, the logits go to 0 and the task
+    learns nothing (cross entropy stays at log(classes)). Raises ``ValueError`` saying what to use
+    instead. The HAT plugin calls it on every training minibatch's output; call it on your network's
+    output in a loop of your own. ``watched``: what :func:`watch_masked_outputs` recorded during the
+    forward, to also recognise the output after copies (indexing, ``torch.cat``, reshapes).
+    """
+    if isinstance(output, HATPayload):
+        output = output.data if output.pending_mask is not None else output.unmasked_data
+    if not isinstance(output, torch.Tensor):
+        return
+    if getattr(output, "_hat_masked_output", False) or (watched and _copied_from(output, watched)):
+        raise ValueError(
+            "the network's output is the masked output of a HAT layer (e.g. HATLinear as the classifier): "
+            "HAT's usage penalty switches its units off, so the logits go to 0 and no task can learn. "
+            "End the network with a layer HAT does not mask: one head per task, "
+            "TaskIndexedLinear(in_features, num_classes, hat_config), or a plain nn.Linear shared by "
+            "all tasks (or wrap a backbone of HAT layers in avalanche_hat.HATMultiTaskModel, which adds "
+            "per-task heads)"
+        )

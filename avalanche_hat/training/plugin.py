@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from ..mechanism.schedules import MaskScaleSchedule, make_schedule
 from ..modules import HATModule, TaskIndexedLinear
 from ..network import clamp_embeddings_, hat_regularization, mark_task_trained, recorded_masks, trained_tasks
+from ..payload import check_network_output, watch_masked_outputs
 from .checkpoint import make_optimizers_picklable
 from .class_incremental import transformed_negatives
 from .model import network_hat_config
@@ -184,6 +185,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         check_optimizer(strategy.optimizer)
         self._real_batch = self._negative_logits = None
         self._recording = self._masks = None  # the forward's masks, reused by the regulariser
+        self._watching = self._watched = None  # the forward's masked outputs, for check_network_output
         self._class_incremental_exp = self._is_class_incremental(model)
         if self._class_incremental_exp:
             starts_task = True
@@ -370,6 +372,8 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if self.reg_coef:
             self._recording = recorded_masks()
             self._masks = self._recording.__enter__()
+        self._watching = watch_masked_outputs()
+        self._watched = self._watching.__enter__()
         model = unwrap_model(strategy.model)
         if not (self._class_incremental_exp and model.reject_head and model.reject_coef > 0):
             return
@@ -384,10 +388,16 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if self._recording is not None:
             self._recording.__exit__(None, None, None)
             self._recording = None
+        if self._watching is not None:
+            self._watching.__exit__(None, None, None)
+            self._watching = None
 
     def after_forward(self, strategy, **kwargs) -> None:
-        """Split the negatives' logits off: the criterion and the metrics see the real minibatch."""
+        """Split the negatives' logits off: the criterion and the metrics see the real minibatch.
+        Refuse a network whose output layer is a HAT layer (it cannot learn)."""
         self._stop_recording()
+        watched, self._watched = self._watched, None
+        check_network_output(strategy.mb_output, watched)
         if self._real_batch is None:
             return
         n = len(self._real_batch[0])
