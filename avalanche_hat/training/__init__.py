@@ -20,6 +20,15 @@ This is the only part of avalanche_hat that imports Avalanche. Usage::
 
 Any other strategy gets HAT with ``plugins=[HATPlugin()]`` and a ``HATMultiTaskModel`` model.
 """
+import warnings
+
+# Avalanche's own import (all of its subpackages, whichever one is asked for) warns that qpsolvers
+# finds no QP solver: only Avalanche's GEM and A-GEM strategies use one, HAT does not. Kept out of a
+# user's first import; importing Avalanche first, or avalanche.training.GEM, still shows it.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+    import avalanche  # noqa: F401
+
 from .checkpoint import make_optimizers_picklable
 from .class_incremental import HATClassIncrementalModel, evaluate_task_inference
 # The rank-aware checkpoint functions: in one process they are Avalanche's (with the dill fix); under
