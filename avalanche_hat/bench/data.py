@@ -181,21 +181,26 @@ def _torchvision_to_tensor(dataset, mean, std) -> tuple[torch.Tensor, torch.Tens
 
 
 def load_cifar(num_classes: int, data_root=None):
-    """CIFAR-10/100 through Avalanche's getters (torchvision; downloads on first use)."""
+    """CIFAR-10/100 through Avalanche's getters (torchvision; downloads on first use). Raises
+    :class:`DataNotFound` naming the URL, the folder and how to supply the data offline."""
+    from avalanche.benchmarks.datasets.dataset_utils import default_dataset_location
     from avalanche.benchmarks.datasets.external_datasets.cifar import get_cifar10_dataset, get_cifar100_dataset
+    from torchvision.datasets import CIFAR10, CIFAR100
 
-    getter, mean, std = ((get_cifar10_dataset, CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10
-                         else (get_cifar100_dataset, CIFAR100_MEAN, CIFAR100_STD))
+    getter, mean, std, dataset = ((get_cifar10_dataset, CIFAR10_MEAN, CIFAR10_STD, CIFAR10) if num_classes == 10
+                                  else (get_cifar100_dataset, CIFAR100_MEAN, CIFAR100_STD, CIFAR100))
     try:
         train, test = getter(data_root)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
         name = "CIFAR-10" if num_classes == 10 else "CIFAR-100"
-        folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
-        where = data_root if data_root is not None else "Avalanche's default data folder (~/.avalanche/data)"
+        where = Path(data_root) if data_root is not None else default_dataset_location(f"cifar{num_classes}")
+        reason = (str(err).strip().splitlines() or ["no message"])[0][:200]
         raise DataNotFound(
-            f"{name} could not be loaded or downloaded to {where} ({type(err).__name__}: {err}). With "
-            f"internet access the first run downloads it; offline, pass --data-root FOLDER holding "
-            f"torchvision's {folder}/ (or its .tar.gz)."
+            f"{name} is not in {where} and could not be downloaded from {dataset.url} "
+            f"({type(err).__name__}: {reason}). Offline: on a machine with internet download "
+            f"{dataset.filename} from that URL, put it (or the {dataset.base_folder}/ folder it "
+            f"unpacks to) in a folder here and pass --data-root FOLDER (dataset_root=FOLDER for Avalanche's "
+            f"Split{name.replace('-', '')})."
         ) from err
     return _torchvision_to_tensor(train, mean, std), _torchvision_to_tensor(test, mean, std), str(train.root)
 

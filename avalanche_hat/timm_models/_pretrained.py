@@ -203,7 +203,8 @@ def build(
     except OSError as e:  # requests / huggingface_hub / urllib network and cache errors
         if not pretrained or local:
             raise
-        source = resolved.hf_hub_id or resolved.url
+        source = (f"the Hugging Face Hub (https://huggingface.co/{resolved.hf_hub_id})" if resolved.hf_hub_id
+                  else resolved.url)
         plain = resolved.hf_hub_id.split("/", 1)[-1] if resolved.hf_hub_id else "<the plain timm model>"
         reason = (str(e).splitlines() or [""])[0][:200]
         raise PretrainedWeightsUnavailableError(
