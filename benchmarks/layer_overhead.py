@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     if args.pytorch_ops:
         with fused.disabled():
             return run(args)
-    fused.build()  # before timing: the first build takes about 30 s
+    fused.build()  # before timing: a first build takes 1.5 to 3 minutes (cached per environment)
     return run(args)
 
 
