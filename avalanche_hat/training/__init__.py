@@ -20,7 +20,7 @@ This is the only part of avalanche_hat that imports Avalanche. Usage::
 
 Any other strategy gets HAT with ``plugins=[HATPlugin()]`` and a ``HATMultiTaskModel`` model.
 """
-from .checkpoint import make_optimizers_picklable
+from .checkpoint import CheckpointError, make_optimizers_picklable
 from .class_incremental import HATClassIncrementalModel, evaluate_task_inference
 # The rank-aware checkpoint functions: in one process they are Avalanche's (with the dill fix); under
 # torchrun rank 0 writes and every rank loads.
@@ -29,15 +29,16 @@ from .distributed import (
     is_main_process, maybe_load_checkpoint, save_checkpoint,
 )
 from .metrics import HATCapacityMetric, HATCSVLogger, capacity_metric_values, hat_capacity_metrics
-from .model import HATMultiTaskModel
-from .plugin import DEFAULT_REG_COEF, HATPlugin, check_optimizer
+from .model import HATMultiTaskModel, plain_trainable_parts
+from .plugin import DEFAULT_REG_COEF, INCOMPATIBLE_PLUGINS, HATPlugin, check_optimizer, check_plugins
 from .strategy import HAT, as_hat_model, default_hat_evaluator
 from .task_inference import for_each_task
 
 __all__ = [
     "HAT", "HATPlugin", "HATMultiTaskModel", "HATCapacityMetric", "HATCSVLogger", "hat_capacity_metrics",
     "capacity_metric_values", "default_hat_evaluator", "as_hat_model", "check_optimizer",
-    "save_checkpoint", "maybe_load_checkpoint", "make_optimizers_picklable", "DEFAULT_REG_COEF",
+    "save_checkpoint", "maybe_load_checkpoint", "make_optimizers_picklable", "CheckpointError", "DEFAULT_REG_COEF",
+    "check_plugins", "INCOMPATIBLE_PLUGINS", "plain_trainable_parts",
     "HATClassIncrementalModel", "evaluate_task_inference", "for_each_task",
     "DistributedHATPlugin", "init_distributed", "destroy_distributed", "is_distributed", "is_main_process",
     "get_rank", "get_world_size",
