@@ -187,6 +187,11 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             running statistics), so that earlier tasks stay bit-identical.
     """
 
+    # Defaults for plugins unpickled from checkpoints written before these options existed.
+    plain_parameters = "refuse"
+    _frozen_parameters: tuple = ()
+    _frozen_norms: tuple = ()
+
     def __init__(
         self,
         *,
