@@ -29,7 +29,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     import avalanche  # noqa: F401
 
-from .checkpoint import make_optimizers_picklable
+from .checkpoint import CheckpointError, make_optimizers_picklable
 from .class_incremental import HATClassIncrementalModel, evaluate_task_inference
 # The rank-aware checkpoint functions: in one process they are Avalanche's (with the dill fix); under
 # torchrun rank 0 writes and every rank loads.
@@ -38,15 +38,16 @@ from .distributed import (
     is_main_process, maybe_load_checkpoint, save_checkpoint,
 )
 from .metrics import HATCapacityMetric, HATCSVLogger, capacity_metric_values, hat_capacity_metrics
-from .model import HATMultiTaskModel
-from .plugin import DEFAULT_REG_COEF, HATPlugin, check_optimizer
+from .model import HATMultiTaskModel, plain_trainable_parts
+from .plugin import DEFAULT_REG_COEF, INCOMPATIBLE_PLUGINS, HATPlugin, check_optimizer, check_plugins
 from .strategy import HAT, as_hat_model, default_hat_evaluator
 from .task_inference import for_each_task
 
 __all__ = [
     "HAT", "HATPlugin", "HATMultiTaskModel", "HATCapacityMetric", "HATCSVLogger", "hat_capacity_metrics",
     "capacity_metric_values", "default_hat_evaluator", "as_hat_model", "check_optimizer",
-    "save_checkpoint", "maybe_load_checkpoint", "make_optimizers_picklable", "DEFAULT_REG_COEF",
+    "save_checkpoint", "maybe_load_checkpoint", "make_optimizers_picklable", "CheckpointError", "DEFAULT_REG_COEF",
+    "check_plugins", "INCOMPATIBLE_PLUGINS", "plain_trainable_parts",
     "HATClassIncrementalModel", "evaluate_task_inference", "for_each_task",
     "DistributedHATPlugin", "init_distributed", "destroy_distributed", "is_distributed", "is_main_process",
     "get_rank", "get_world_size",

@@ -1,12 +1,14 @@
 """HATMultiTaskModel: a HAT network as an Avalanche ``MultiTaskModule`` with one head per task."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from avalanche.models import DynamicModule, MultiTaskModule
 from torch import nn
 
 from ..config import HATConfig
-from ..modules import TaskIndexedLinear
+from ..modules import HATModule, TaskIndexedLinear, TaskIndexedModule
 from ..network import hat_modules
 from ..payload import HATPayload
 
@@ -72,9 +74,43 @@ def backbone_num_features(backbone, num_features: int | None = None) -> int:
     return num_features
 
 
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def as_task_id(task_label, what: str = "task label") -> int:
+    """``task_label`` as an int task id: an int, a numpy integer or a one-element integer tensor.
+    Floats (and bools) are refused: ``int(1.5)`` would silently run task 1."""
+    if isinstance(task_label, torch.Tensor):
+        if task_label.numel() != 1:
+            raise ValueError(f"a {what} is one task id, got a tensor of shape {tuple(task_label.shape)}")
+        if not _integer_dtype(task_label.dtype):
+            raise TypeError(_float_task_labels_message(what, task_label.dtype, task_label.flatten()))
+        return int(task_label.item())
+    if isinstance(task_label, bool) or not isinstance(task_label, numbers.Integral):
+        raise TypeError(_float_task_labels_message(what, type(task_label).__name__, [task_label]))
+    return int(task_label)
+
+
+def _float_task_labels_message(what: str, kind, values) -> str:
+    """What is wrong with non-integer task labels and what to do; ``values`` a tensor or a list."""
+    fractional = []
+    if isinstance(values, torch.Tensor) and values.dtype.is_floating_point:
+        fractional = torch.unique(values[values != values.round()]).tolist()[:5]
+    elif not isinstance(values, torch.Tensor):
+        fractional = [v for v in values if isinstance(v, float) and v != round(v)][:5]
+    return (
+        f"{what}s must be integer task ids, got {kind}"
+        + (f" with fractional values {fractional}" if fractional else "")
+        + ": a task id picks the task's masks and head, and int() would truncate it (1.5 would run task 1). "
+        "Pass integer task ids (a torch.long tensor or Python ints; labels.long() if they are whole numbers)"
+    )
+
+
 def check_task_in_range(hat_config, task_label, what: str = "task label") -> int:
-    """``int(task_label)``, or a clear error if the HAT model has no task of that index."""
-    task = int(task_label)
+    """``task_label`` as an int task id (integers only, see :func:`as_task_id`), or a clear error if
+    the HAT model has no task of that index."""
+    task = as_task_id(task_label, what)
     if not 0 <= task < hat_config.num_tasks:
         raise ValueError(
             f"{what} {task} is outside the {hat_config.num_tasks} tasks this HAT model was built for "
@@ -99,7 +135,13 @@ class HATMultiTaskModel(MultiTaskModule):
 
     ``mask_scale`` is the scale ``s`` of the soft masks used while training; the :class:`HATPlugin`
     sets it every iteration. In eval mode, or while it is None, the masks are binary (inference).
-    ``forward(x, task_labels)`` splits a mixed-task minibatch by task and returns logits.
+    ``forward(x, task_labels)`` splits a mixed-task minibatch by task and returns logits. Task labels
+    must be integers (a float label is refused, never truncated).
+
+    ``train_task`` is the task the :class:`HATPlugin` trains in the current ``strategy.train`` call
+    (None otherwise). While it is set, a training-mode forward of any other task is refused: replay,
+    A-GEM's memory or LwF's distillation would train that task's head and norm statistics, which
+    HAT protects (evaluation, in eval mode, may run every task).
     """
 
     def __init__(
@@ -115,6 +157,7 @@ class HATMultiTaskModel(MultiTaskModule):
         self.backbone = backbone
         self.hat_config = hat_config
         self.mask_scale: float | None = None
+        self.train_task: int | None = None  # set by the HATPlugin while it trains a task
 
         backbone_classes = getattr(backbone, "num_classes", None) or 0
         if num_classes is None:
@@ -159,11 +202,29 @@ class HATMultiTaskModel(MultiTaskModule):
     # ----------------------------------------------------------------------------- forward
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         task = self.check_task_label(task_label)
+        if self.training:
+            self._check_training_task(task)
         scale = self.mask_scale if self.training else None
         out = self.backbone(HATPayload(x, task_id=task, mask_scale=scale))
         if self.head is not None:
             return self.head(out, task)
         return out.data if isinstance(out, HATPayload) else out
+
+    def _check_training_task(self, task: int) -> None:
+        """Refuse a training-mode forward of a task other than the one being trained (``train_task``)."""
+        training = getattr(self, "train_task", None)  # None also for models pickled before it existed
+        if training is None or task == training:
+            return
+        raise RuntimeError(
+            f"HATMultiTaskModel is training task {training}, and a training-mode forward asked for task "
+            f"{task}: it would train task {task}'s head and normalisation statistics, which HAT protects. "
+            "A plugin forwards other tasks' samples while training: replay (ReplayPlugin and other "
+            "memory-based plugins), A-GEM/GEM (their episodic memory) or LwF (distillation through every "
+            "learned task's head). HAT needs no replay: its masks keep every learned task exactly "
+            "(bit-identical outputs), so replay, gradient projection or distillation buy nothing and would "
+            "change the tasks already learned. Remove that plugin (to evaluate other tasks, call "
+            "model.eval() first)."
+        )
 
     def forward(self, x: torch.Tensor, task_labels=_NO_TASK_LABELS) -> torch.Tensor:
         """Logits for a minibatch whose samples may belong to different tasks (``task_labels``: an int
@@ -176,9 +237,11 @@ class HATMultiTaskModel(MultiTaskModule):
             )
         if task_labels is None:
             return self.forward_all_tasks(x)
-        if isinstance(task_labels, int):
-            return self.forward_single_task(x, task_labels)
+        if not isinstance(task_labels, (torch.Tensor, list, tuple)) and not hasattr(task_labels, "__array__"):
+            return self.forward_single_task(x, as_task_id(task_labels))
         task_labels = torch.as_tensor(task_labels, device=x.device)
+        if not _integer_dtype(task_labels.dtype):
+            raise TypeError(_float_task_labels_message("task label", f"a {task_labels.dtype} tensor", task_labels))
         tasks = torch.unique(task_labels)
         if tasks.numel() == 1:
             return self.forward_single_task(x, int(tasks.item()))
@@ -193,3 +256,26 @@ class HATMultiTaskModel(MultiTaskModule):
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.hat_config.num_tasks}, num_classes={self.num_classes}, mask_scale={self.mask_scale}"
+
+
+# ------------------------------------------------------------------------ plain trainable parts
+def _is_protected_module(module: nn.Module) -> bool:
+    """HAT layers (ownership per unit) and task-indexed modules (one copy per task)."""
+    return isinstance(module, (HATModule, TaskIndexedModule))
+
+
+def plain_trainable_parts(model: nn.Module) -> tuple[list[str], list[str]]:
+    """``(parameters, norms)``: the names of the trainable parameters outside HAT layers and
+    task-indexed modules, and of the plain norms with running statistics (BatchNorm, InstanceNorm
+    with ``track_running_stats``) outside them. HAT protects neither: every task trains them."""
+    protected: set[int] = set()
+    plain_norms = []
+    for name, module in model.named_modules():
+        if _is_protected_module(module):
+            protected.update(id(m) for m in module.modules())
+        elif id(module) not in protected and isinstance(module, nn.modules.batchnorm._NormBase):
+            if module.track_running_stats:
+                plain_norms.append(name)
+    owned = {id(p) for m in model.modules() if id(m) in protected for p in m.parameters(recurse=False)}
+    parameters = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+    return parameters, plain_norms

@@ -18,12 +18,28 @@ from ..network import clamp_embeddings_, hat_regularization, mark_task_trained, 
 from ..payload import check_network_output, watch_masked_outputs
 from .checkpoint import make_optimizers_picklable
 from .class_incremental import transformed_negatives
-from .model import network_hat_config
+from .model import HATMultiTaskModel, network_hat_config, plain_trainable_parts
 
 #: Coefficient of the mask-usage penalty: ``c = 0.75`` of the original HAT paper.
 DEFAULT_REG_COEF = 0.75
 SCALE_UNITS = ("epoch", "experience")
 REGULARIZATIONS = ("layerwise", "global")
+PLAIN_PARAMETERS = ("refuse", "freeze")
+
+_REPLAY = "trains on stored samples of earlier experiences (replay)"
+#: Avalanche plugins (and the strategies that add them) that HAT refuses, with what they do. Each
+#: would train what the tasks already learned use: their heads, units or normalisation statistics.
+INCOMPATIBLE_PLUGINS = {
+    "ReplayPlugin": _REPLAY, "GenerativeReplayPlugin": _REPLAY, "GDumbPlugin": _REPLAY,
+    "GSS_greedyPlugin": _REPLAY, "MIRPlugin": _REPLAY, "RARPlugin": _REPLAY, "BiCPlugin": _REPLAY,
+    "CoPEPlugin": _REPLAY,
+    "AGEMPlugin": "forwards stored samples of earlier tasks in training mode and projects the gradient "
+                  "with theirs (episodic memory)",
+    "GEMPlugin": "forwards stored samples of earlier tasks in training mode and projects the gradient "
+                 "with theirs (episodic memory)",
+    "LwFPlugin": "forwards every learned task's head in training mode for its distillation loss",
+    "FromScratchTrainingPlugin": "re-initialises the whole model before each experience",
+}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -69,6 +85,43 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             )
 
 
+def check_plugins(plugins) -> None:
+    """Refuse the Avalanche plugins that replay, project gradients on earlier tasks' samples or
+    distil through earlier tasks' heads (:data:`INCOMPATIBLE_PLUGINS`, subclasses included)."""
+    for plugin in plugins:
+        for cls in type(plugin).__mro__:
+            reason = INCOMPATIBLE_PLUGINS.get(cls.__name__)
+            if reason is not None and cls.__module__.startswith("avalanche."):
+                raise ValueError(
+                    f"{type(plugin).__name__} {reason}: HAT needs no replay. Its masks keep every task "
+                    "it has learned exactly (bit-identical outputs), so replay, gradient projection or "
+                    "distillation buy nothing, and this plugin would train the heads, units or "
+                    "normalisation statistics of the tasks already learned. Remove it from the plugins "
+                    "(or train with a strategy other than LwF, AGEM, GEM, Replay, ...); regularisers such as "
+                    "EWC or SI may stay, they only add a penalty to the current task's loss."
+                )
+
+
+def plain_parts_message(model: nn.Module, parameters: list[str], norms: list[str]) -> str:
+    """What is wrong with a model that has plain trainable parts, and what to do."""
+    found = []
+    if parameters:
+        found.append(f"parameters {parameters[:10]}" + (f" and {len(parameters) - 10} more" if len(parameters) > 10 else ""))
+    if norms:
+        found.append(f"norms with running statistics {norms[:10]}" + (f" and {len(norms) - 10} more" if len(norms) > 10 else ""))
+    return (
+        f"{type(model).__name__} has trainable parts outside HAT layers and task-indexed modules: "
+        f"{'; '.join(found)}. HAT protects neither, so every later task would train them and change "
+        "what the tasks already learned compute. Replace them with their avalanche_hat.modules "
+        "versions (TaskIndexedBatchNorm1d/2d/3d, TaskIndexedLayerNorm, TaskIndexedLinear for heads, "
+        "TaskIndexedParameter, HAT layers such as HATLinear/HATConv2d; avalanche_hat.modules."
+        "from_base_module converts one), fix pretrained parameters yourself (requires_grad_(False)), "
+        "or pass plain_parameters=\"freeze\" to HAT(...) / HATPlugin(...): they are then trained with "
+        "the first task and frozen after it (no gradient, no optimizer step, norms keep the first "
+        "task's running statistics), which later tasks must make do with."
+    )
+
+
 class HATPlugin(SupervisedPlugin, supports_distributed=True):
     """Hard Attention to the Task (Serrà et al., 2018; HAT-CL) as an Avalanche plugin.
 
@@ -79,6 +132,11 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
       model is a :class:`~avalanche_hat.training.HATClassIncrementalModel`, see below);
     - refuses weight decay (``check_optimizer``) and resets the optimizer state (momentum, Adam
       moments) at each experience, so that nothing moves weights whose gradient HAT zeroes;
+    - refuses plugins that replay or forward earlier tasks in training mode (``check_plugins``:
+      Replay, A-GEM, GEM, LwF, ...; HAT needs no replay), and any training minibatch that carries
+      samples of a task other than the experience's;
+    - refuses trainable parts HAT cannot protect (plain parameters and norms outside HAT layers and
+      task-indexed modules), or freezes them after the first task (``plain_parameters="freeze"``);
     - sets the model's ``mask_scale`` every iteration from a schedule (HAT-CL's cosine by default,
       the original linear one with ``schedule="linear"``), over a unit of training that is an epoch
       by default; evaluation uses binary masks;
@@ -118,8 +176,22 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             its backward pass and optimizer step. A diverged step would put nan or inf into the free
             weights of the task being learned, and earlier tasks read those weights with inputs that
             are exactly 0, so ``0 * nan`` would reach their outputs: HAT's guarantee holds for finite
-            steps only. On a GPU the check reads one number per iteration from the device.
+            steps only. On a GPU the check reads one number per iteration from the device. When it
+            fires, the error also says whether the model's parameters and buffers are still finite
+            (an earlier step with a finite loss may already have overflowed them).
+        plain_parameters: what to do with trainable parameters outside HAT layers and task-indexed
+            modules (a plain ``nn.BatchNorm2d``, a shared ``nn.Linear`` head, a bare ``nn.Parameter``)
+            and with plain norms' running statistics, which HAT cannot protect: ``"refuse"`` (default)
+            lists them by name in an error before the first experience trains; ``"freeze"`` trains
+            them with the first task and freezes them once a task is learned (their gradients are
+            dropped before every optimizer step and plain norms run in eval mode, on the first task's
+            running statistics), so that earlier tasks stay bit-identical.
     """
+
+    # Defaults for plugins unpickled from checkpoints written before these options existed.
+    plain_parameters = "refuse"
+    _frozen_parameters: tuple = ()
+    _frozen_norms: tuple = ()
 
     def __init__(
         self,
@@ -134,6 +206,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         allow_task_revisit: bool = False,
         class_incremental: bool | None = None,
         check_finite: bool = True,
+        plain_parameters: str = "refuse",
     ) -> None:
         super().__init__()
         if not reg_coef >= 0:
@@ -162,6 +235,12 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError(f"class_incremental must be None, True or False, got {class_incremental!r}")
         self.class_incremental = class_incremental
         self.check_finite = bool(check_finite)
+        if plain_parameters not in PLAIN_PARAMETERS:
+            raise ValueError(f"plain_parameters must be one of {PLAIN_PARAMETERS}, got {plain_parameters!r}")
+        self.plain_parameters = plain_parameters
+        # Frozen plain parts while a later task trains (plain_parameters="freeze"), set per experience.
+        self._frozen_parameters: list = []
+        self._frozen_norms: list = []
         # Per-experience state, set in before_training_exp.
         self.task_id: int | None = None
         self._open_task: int | None = None  # started and not yet marked trained (online streams)
@@ -183,6 +262,10 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         the checks and the reset happen at its first sub-experience, the marking after its last."""
         model = check_hat_model(strategy.model)
         check_optimizer(strategy.optimizer)
+        check_plugins(strategy.plugins)
+        plain_parameters, plain_norms = plain_trainable_parts(model)
+        if (plain_parameters or plain_norms) and self.plain_parameters == "refuse":
+            raise ValueError(plain_parts_message(model, plain_parameters, plain_norms))
         self._real_batch = self._negative_logits = None
         self._recording = self._masks = None  # the forward's masks, reused by the regulariser
         self._watching = self._watched = None  # the forward's masked outputs, for check_network_output
@@ -214,9 +297,36 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             self._unit_batches = int(self.scale_unit)
         if starts_task:
             strategy.optimizer.state = defaultdict(dict)
-        if self._class_incremental_exp:  # last: nothing above may fail after the model changed
+        # Last: nothing above may fail after the model changed.
+        self._freeze_plain_parts(model, plain_parameters, plain_norms)
+        if self._class_incremental_exp:
             model.register_task(self.task_id, strategy.experience.classes_in_this_experience)
             model.train_task = self.task_id
+        elif isinstance(model, HATMultiTaskModel):
+            model.train_task = self.task_id  # training-mode forwards of other tasks are refused
+
+    def _freeze_plain_parts(self, model: nn.Module, parameters: list[str], norms: list[str]) -> None:
+        """``plain_parameters="freeze"``: once a task is learned, the plain parameters get no optimizer
+        step (their gradients are dropped in ``before_update``) and plain norms run in eval mode."""
+        self._frozen_parameters, self._frozen_norms = [], []
+        if self.plain_parameters != "freeze" or not trained_tasks(model):
+            return
+        named_parameters, named_modules = dict(model.named_parameters()), dict(model.named_modules())
+        self._frozen_parameters = [named_parameters[n] for n in parameters]
+        self._frozen_norms = [named_modules[n] for n in norms]
+        for p in self._frozen_parameters:
+            p.grad = None
+        self._keep_norms_frozen()
+
+    def _keep_norms_frozen(self) -> None:
+        for norm in self._frozen_norms:
+            norm.eval()
+
+    def after_training(self, strategy, **kwargs) -> None:
+        model = unwrap_model(strategy.model)
+        if isinstance(model, HATMultiTaskModel):
+            model.train_task = None
+        self._frozen_parameters, self._frozen_norms = [], []
 
     def _is_class_incremental(self, model: nn.Module) -> bool:
         """The mode for ``model``: its own (``model.class_incremental``) unless the plugin insists."""
@@ -363,12 +473,15 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         clock = strategy.clock  # its iteration counters are exact from here to after_update
         batch = clock.train_epoch_iterations if self.scale_unit == "epoch" else clock.train_exp_iterations
         unwrap_model(strategy.model).mask_scale = self._schedule.at(batch, self._unit_batches)
+        self._keep_norms_frozen()  # a plugin may have called model.train()
 
     def before_forward(self, strategy, **kwargs) -> None:
         """Record the masks the forward computes (the regulariser reuses them). Class-incremental
         mode with a reject head: append one transformed negative per sample, labelled with the reject
-        output (index ``num_classes``)."""
+        output (index ``num_classes``). A minibatch with samples of other tasks is refused."""
         self._stop_recording()  # a forward that raised never reached after_forward
+        if not self._class_incremental_exp:
+            self._check_minibatch_task(strategy)
         if self.reg_coef:
             self._recording = recorded_masks()
             self._masks = self._recording.__enter__()
@@ -383,6 +496,23 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         strategy.mbatch = [torch.cat([x, transformed_negatives(x, model.negatives)]), torch.cat([y, reject]),
                            *(torch.cat([b, b]) for b in batch[2:])]
         self._real_batch = batch
+
+    def _check_minibatch_task(self, strategy) -> None:
+        labels = getattr(strategy, "mb_task_id", None)
+        if not isinstance(labels, torch.Tensor) or not bool((labels != self.task_id).any()):
+            return
+        others = sorted(set(int(t) for t in torch.unique(labels).tolist()) - {self.task_id})
+        raise ValueError(
+            f"a training minibatch of task {self.task_id} carries samples of tasks {others}: HAT needs no "
+            "replay. Its masks keep every task it has learned exactly (bit-identical outputs), so "
+            "replaying earlier tasks buys nothing, and training on their samples would train their heads "
+            "and normalisation statistics. Remove the replay plugin or the data loader that mixes tasks; "
+            "HAT learns one task per experience."
+        )
+
+    def before_update(self, strategy, **kwargs) -> None:
+        for p in self._frozen_parameters:  # plain_parameters="freeze": no step for the plain parts
+            p.grad = None
 
     def _stop_recording(self) -> None:
         if self._recording is not None:
@@ -427,15 +557,29 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all()):
             return
         clock = strategy.clock
+        trained = trained_tasks(model)
+        non_finite = non_finite_state(model)  # only now, when the loss is not finite: no cost otherwise
+        if non_finite:
+            state = (
+                f"The model already holds nan or inf (in {', '.join(non_finite[:5])}"
+                + (" and more" if len(non_finite) > 5 else "") + "): an earlier step, whose loss was "
+                f"finite, overflowed, and the tasks already learned ({trained}) may be damaged (their "
+                "inputs from free units are exactly 0, and 0 * inf is nan). Check their outputs, or go "
+                "back to a checkpoint saved before this experience. "
+            )
+        else:
+            state = (
+                "Checked now: every parameter and buffer of the model is finite, so no earlier step left "
+                f"nan or inf in what the tasks already learned ({trained}) read. "
+            )
         raise FloatingPointError(
             f"the training loss of task {self.task_id} is {loss.detach().flatten()[0].item()} at epoch "
             f"{clock.train_exp_epochs}, iteration {clock.train_epoch_iterations} (both counted from 0): "
-            "training diverged. Stopped before the backward pass and the optimizer step, so the model is "
-            "as it was after the last finite step and the tasks already learned "
-            f"({trained_tasks(model)}) are untouched; a non-finite "
-            "step would have reached them too (their inputs from free units are exactly 0, and 0 * nan is "
-            "nan). Lower the learning rate, look for nan or inf in the data, or clip the gradients; "
-            "HATPlugin(check_finite=False) / HAT(..., check_finite=False) turns this check off."
+            "training diverged. This step was stopped before its backward pass and optimizer step (a "
+            "non-finite step would reach earlier tasks too: their inputs from free units are exactly 0, "
+            "and 0 * nan is nan). " + state
+            + "Lower the learning rate, look for nan or inf (or huge values) in the data, or clip the "
+            "gradients; HATPlugin(check_finite=False) / HAT(..., check_finite=False) turns this check off."
         )
 
     # ------------------------------------------------------------------------------- eval
@@ -475,6 +619,12 @@ def _single_task_label_stream(experience, max_experiences: int = 10_000) -> bool
         return len({tuple(sorted(e.task_labels)) for e in stream}) == 1
     except Exception:  # streams that cannot be listed: rely on the later check
         return False
+
+
+def non_finite_state(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` that hold nan or inf."""
+    return [name for name, t in (*model.named_parameters(), *model.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def ownership_respecting_l2(model: nn.Module, task_id: int) -> torch.Tensor:

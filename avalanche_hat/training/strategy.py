@@ -96,7 +96,7 @@ class HAT(SupervisedTemplate):
         width is added. Leave None if the model already has per-task heads.
     :param hat_config: the network's HATConfig (found in its layers when omitted).
     :param reg_coef, regularization, quota, schedule, max_mask_scale, scale_unit, weight_decay,
-        allow_task_revisit, check_finite: see :class:`HATPlugin`.
+        allow_task_revisit, check_finite, plain_parameters: see :class:`HATPlugin`.
     :param distributed: data-parallel training under ``torchrun`` (see
         :mod:`avalanche_hat.training.distributed`). ``None`` (default): whenever the process belongs
         to a ``torch.distributed`` process group (``init_distributed()``), otherwise nothing changes;
@@ -125,6 +125,7 @@ class HAT(SupervisedTemplate):
         weight_decay: float = 0.0,
         allow_task_revisit: bool = False,
         check_finite: bool = True,
+        plain_parameters: str = "refuse",
         distributed: Union[bool, None, DistributedHATPlugin] = None,
         train_mb_size: int = 1,
         train_epochs: int = 1,
@@ -148,6 +149,7 @@ class HAT(SupervisedTemplate):
             weight_decay=weight_decay,
             allow_task_revisit=allow_task_revisit,
             check_finite=check_finite,
+            plain_parameters=plain_parameters,
         )
         self.distributed_plugin = _distributed_plugin(distributed)
         plugins = [*(plugins or []), self.hat_plugin]
