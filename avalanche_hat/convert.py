@@ -433,7 +433,7 @@ class HATConvertedNetwork(nn.Module):
     """
 
     def __init__(self, model: nn.Module, graphs: dict, hat_config: HATConfig, report: ConversionReport,
-                 heads: list[str], num_classes: int, num_features: int | None):
+                 heads: list[str], num_classes: int, num_features: int | None, kinds: dict):
         super().__init__()
         self.model = model
         self.hat_config = hat_config
@@ -443,11 +443,14 @@ class HATConvertedNetwork(nn.Module):
         if num_features is not None:
             self.num_features = int(num_features)
         self._graphs = graphs
+        self._kinds = kinds
         self._compile()
 
     def _compile(self) -> None:
         self._code = {}
         for mode, graph in self._graphs.items():
+            if mode == "plain":
+                continue
             code = graph.python_code(root_module="self")
             scope = dict(code.globals)
             exec(compile(code.src, f"<avalanche_hat.convert {mode}>", "exec"), scope)
@@ -695,9 +698,10 @@ def convert(model: nn.Module, hat_config: HATConfig, *, heads=None, leaf_modules
     if not head_spec:
         report.notes.append("no classifier: the network returns the model's output (features) for every task")
     new_graphs = {mode: _rewrite(g, model, kinds) for mode, g in graphs.items()}
+    new_graphs["plain"] = graphs["eval"]  # the traced original, for export_task
     if not any(k == "hat" for k in kinds.values()):
         raise ConversionError(f"{type(model).__name__} has no linear or convolutional layer to put a HAT mask on")
-    return HATConvertedNetwork(model, new_graphs, hat_config, report, list(head_spec), num_classes, num_features)
+    return HATConvertedNetwork(model, new_graphs, hat_config, report, list(head_spec), num_classes, num_features, kinds)
 
 
 # ------------------------------------------------------------------------------ the rewrite
@@ -710,6 +714,7 @@ def _rewrite(graph, root: nn.Module, kinds: dict):
     import torch.fx as fx
 
     new = fx.Graph()
+    folds = fold_plan(graph, root, kinds)
     env: dict = {}
     payload: set = set()  # new nodes whose value may be a HATPayload
     materialised: dict = {}
@@ -752,7 +757,10 @@ def _rewrite(graph, root: nn.Module, kinds: dict):
             if kind in ("hat", "norm"):
                 if node.kwargs or len(node.args) != 1:
                     raise ConversionError(f"{node.target} is called with extra arguments: {node.args[1:]} {node.kwargs}")
-                x = new.call_function(_wrap, (args_raw[0], task, scale))
+                x = args_raw[0]
+                if kind == "norm" and node not in folds:
+                    x = tensor(x)  # the mask is not on this norm's axis for sure: applied before it
+                x = new.call_function(_wrap, (x, task, scale))
                 out = new.call_module(node.target, (x,))
                 payload.add(out)
             elif kind == "head":
@@ -825,6 +833,59 @@ def _rewrite(graph, root: nn.Module, kinds: dict):
     new.lint()
 
     return new
+
+
+def _chain_op(node, root: nn.Module, kinds: dict) -> bool:
+    """An elementwise operation with f(m x) = m f(x) for m >= 0 applied to one value (the mask of a
+    HAT layer may be carried through it to a norm)."""
+    if len(node.args) < 1 or node.kwargs and node.op != "call_function":
+        return False
+    if node.op == "call_module":
+        return kinds.get(node.target, "plain") == "plain" and len(node.args) == 1 and isinstance(
+            root.get_submodule(node.target), _COMMUTING_MODULES + _extra_commuting_modules())
+    if node.op == "call_function":
+        return node.target in _COMMUTING_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _COMMUTING_METHODS and len(node.args) == 1
+    return False
+
+
+def _chain_source(node, root: nn.Module, kinds: dict):
+    """The HAT layer node whose output reaches ``node``'s first input through single-use
+    commuting operations (and the operations passed), or ``(None, [])``."""
+    import torch.fx as fx
+
+    u, passed = node.args[0] if node.args else None, []
+    while isinstance(u, fx.Node) and len(u.users) == 1 and u.op != "placeholder":
+        if u.op == "call_module" and kinds.get(u.target) == "hat":
+            return u, passed
+        if not _chain_op(u, root, kinds):
+            break
+        passed.append(u)
+        u = u.args[0]
+    return None, []
+
+
+def fold_plan(graph, root: nn.Module, kinds: dict) -> dict:
+    """``{norm node: HAT layer node}`` for the norms that fold a HAT layer's mask into their affine
+    parameters: the layer's only use reaches the norm through commuting elementwise operations,
+    and the norm's channel axis is the layer's unit axis (BatchNorm after a convolution, a
+    LayerNorm over one axis after a linear layer). Every other norm sees the masked data. The HAT
+    network and :func:`export_task` follow the same plan."""
+    plan = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or kinds.get(node.target) != "norm":
+            continue
+        src, _ = _chain_source(node, root, kinds)
+        if src is None:
+            continue
+        layer, norm = root.get_submodule(src.target), root.get_submodule(node.target)
+        conv_bn = isinstance(layer, (HATConv1d, HATConv2d, HATConv3d)) and isinstance(
+            norm, (TaskIndexedBatchNorm1d, TaskIndexedBatchNorm2d, TaskIndexedBatchNorm3d, TaskIndexedBatchNormAct2d))
+        linear_ln = isinstance(layer, HATLinear) and isinstance(norm, TaskIndexedLayerNorm) and len(norm.normalized_shape) == 1
+        if conv_bn or linear_ln:
+            plan[node] = src
+    return plan
 
 
 def _has_payload(args, payload: set) -> bool:
