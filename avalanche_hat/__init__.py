@@ -6,7 +6,7 @@ register with ``import avalanche_hat.timm_models``.
 """
 from .capacity import CapacityReport, LayerCapacity, capacity_report
 from .config import HATConfig
-from .convert import ConversionError, ConversionReport, convert
+from .converter import ConversionError, ConversionReport, convert
 from .export import export_task
 from .forgetting import forget_task
 from .mechanism.schedules import ConstantMaskScale, CosineMaskScale, LinearMaskScale, MaskScaleSchedule

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from .convert import (HATConvertedNetwork, TaskIndexedBatchNormAct2d, TaskIndexedBuffer, TaskIndexedCopies,
+from .converter import (HATConvertedNetwork, TaskIndexedBatchNormAct2d, TaskIndexedBuffer, TaskIndexedCopies,
                       _COMMUTING_FUNCTIONS, _COMMUTING_METHODS, _COMMUTING_MODULES, _ZERO_FUNCTIONS, _ZERO_METHODS,
                       _ZERO_MODULES, _extra_commuting_modules, _extra_zero_modules, fold_plan)
 from .modules.base import HATModule

@@ -699,6 +699,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, heads=None, leaf_modules
         report.notes.append("no classifier: the network returns the model's output (features) for every task")
     new_graphs = {mode: _rewrite(g, model, kinds) for mode, g in graphs.items()}
     new_graphs["plain"] = graphs["eval"]  # the traced original, for export_task
+    new_graphs["plain"]._tracer_cls = None  # a class local to convert: the graph pickles without it
     if not any(k == "hat" for k in kinds.values()):
         raise ConversionError(f"{type(model).__name__} has no linear or convolutional layer to put a HAT mask on")
     return HATConvertedNetwork(model, new_graphs, hat_config, report, list(head_spec), num_classes, num_features, kinds)
