@@ -54,7 +54,7 @@ def digits_benchmark():
 
 benchmark = digits_benchmark()
 model = timm.create_model("resnet10t", pretrained=False, num_classes=2)  # any model; 2 classes per task
-strategy = HAT(model=model, hat_config=HATConfig(num_tasks=TASKS),
+strategy = HAT(model=model, hat_config=HATConfig(num_tasks=TASKS, mask_init="normal"),  # original HAT init: about half the units start off
                optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                train_mb_size=32, train_epochs=1 if FAST else 4, eval_mb_size=128,
                evaluator=EvaluationPlugin(loggers=[]))  # this script prints its own figures
