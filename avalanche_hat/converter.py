@@ -152,12 +152,22 @@ class TaskIndexedBuffer(nn.Module):
 
 
 # -------------------------------------------------------------------- what commutes with a mask
+_TIMM_TYPES: dict = {}
+
+
 def _timm_types(*names: str) -> tuple:
-    try:
-        import timm.layers as tl  # only imported when timm already is (see _optional_timm)
-    except ImportError:  # pragma: no cover
+    """timm's classes of these names, if timm is loaded (a model without timm has none of them).
+    Looked up once per process after timm is loaded (this runs in every forward)."""
+    found = _TIMM_TYPES.get(names)
+    if found is not None:
+        return found
+    import sys
+
+    tl = sys.modules.get("timm.layers")
+    if tl is None:
         return ()
-    return tuple(getattr(tl, n) for n in names if hasattr(tl, n))
+    found = _TIMM_TYPES[names] = tuple(getattr(tl, n) for n in names if hasattr(tl, n))
+    return found
 
 
 # Elementwise, and f(m x) = m f(x) for m >= 0: the mask stays pending through them.
