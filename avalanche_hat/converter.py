@@ -6,8 +6,9 @@ by task-indexed norms, its classifier by one head per task and every other train
 per-task copy. The graph is then rewritten so that the values that come out of a HAT layer travel
 as :class:`HATPayload` objects, with the rules of the hand-written networks:
 
-* a HAT layer leaves its mask pending; a task-indexed norm over the unit axis folds it into its
-  affine parameters (masked units come out exactly 0, not ``beta``);
+* a HAT layer leaves its mask pending; a task-indexed BatchNorm right after a convolution folds it
+  into its affine parameters (masked units come out exactly 0, not ``beta``); a LayerNorm, whose
+  statistics run over the units, sees the masked data;
 * ReLU, dropout, drop-path and pooling over other axes run before the multiply (they commute with
   a non-negative per-unit mask); other activations with ``f(0) = 0`` keep the units' ownership;
 * ``flatten``/``reshape``/``view``/``permute``/``transpose`` move the unit axis along with the data
@@ -660,7 +661,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, heads=None, leaf_modules
                 new = norm_cls.from_base_module(m, hat_config)
             _set_submodule(model, name, new)
             kinds[name] = "norm"
-            report.add(name, tname, f"task-indexed norm: {type(new).__name__} (mask folded into each task's affine)")
+            report.add(name, tname, f"task-indexed norm: {type(new).__name__} (one copy per task)")
             continue
         has_params = any(True for _ in m.parameters())
         float_buffers = any(b.is_floating_point() for b in m.buffers())
@@ -857,8 +858,18 @@ def _chain_op(node, root: nn.Module, kinds: dict) -> bool:
     if node.op == "call_function":
         return node.target in _COMMUTING_FUNCTIONS
     if node.op == "call_method":
-        return node.target in _COMMUTING_METHODS and len(node.args) == 1
+        return node.target in _COMMUTING_METHODS and len(node.args) == 1 or _permute_dims(node) is not None
     return False
+
+
+def _permute_dims(node):
+    """The constant axis order of a ``x.permute(...)`` node, or None."""
+    if node.op != "call_method" or node.target != "permute" or node.kwargs:
+        return None
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return tuple(dims) if dims and all(isinstance(d, int) and not isinstance(d, bool) for d in dims) else None
 
 
 def _chain_source(node, root: nn.Module, kinds: dict):
@@ -880,9 +891,9 @@ def _chain_source(node, root: nn.Module, kinds: dict):
 def fold_plan(graph, root: nn.Module, kinds: dict) -> dict:
     """``{norm node: HAT layer node}`` for the norms that fold a HAT layer's mask into their affine
     parameters: the layer's only use reaches the norm through commuting elementwise operations,
-    and the norm's channel axis is the layer's unit axis (BatchNorm after a convolution, a
-    LayerNorm over one axis after a linear layer). Every other norm sees the masked data. The HAT
-    network and :func:`export_task` follow the same plan."""
+    and the norm computes its statistics per unit (BatchNorm after a convolution). Every other norm,
+    LayerNorm in particular, sees the masked data. The HAT network and :func:`export_task` follow
+    the same plan."""
     plan = {}
     for node in graph.nodes:
         if node.op != "call_module" or kinds.get(node.target) != "norm":
@@ -891,10 +902,15 @@ def fold_plan(graph, root: nn.Module, kinds: dict) -> dict:
         if src is None:
             continue
         layer, norm = root.get_submodule(src.target), root.get_submodule(node.target)
-        conv_bn = isinstance(layer, (HATConv1d, HATConv2d, HATConv3d)) and isinstance(
+        _, passed = _chain_source(node, root, kinds)
+        permutes = [_permute_dims(n) for n in reversed(passed) if _permute_dims(n) is not None]
+        is_conv = isinstance(layer, (HATConv1d, HATConv2d, HATConv3d))
+        conv_bn = is_conv and not permutes and isinstance(
             norm, (TaskIndexedBatchNorm1d, TaskIndexedBatchNorm2d, TaskIndexedBatchNorm3d, TaskIndexedBatchNormAct2d))
-        linear_ln = isinstance(layer, HATLinear) and isinstance(norm, TaskIndexedLayerNorm) and len(norm.normalized_shape) == 1
-        if conv_bn or linear_ln:
+        # A LayerNorm (or any norm over the unit axis) never folds: its statistics would include the
+        # unmasked values of units the task does not use, whose weights later tasks train, and the
+        # task's outputs would move with them. It sees the masked data (exact zeros) instead.
+        if conv_bn:
             plan[node] = src
     return plan
 

@@ -32,6 +32,23 @@ def _timm(name, **kw):
     return lambda: timm.create_model(name, pretrained=False, num_classes=C, **kw)
 
 
+class PostNormMLP(nn.Module):
+    """Linear followed directly by LayerNorm (a post-norm block): the norm's statistics run over the
+    units, so it must see the masked data (folding the mask would let later tasks' units in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3 * SIZE * SIZE, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 32)
+        self.norm2 = nn.LayerNorm(32)
+        self.head = nn.Linear(32, C)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.norm(self.fc1(x.flatten(1))))
+        return self.head(nn.functional.gelu(self.norm2(self.fc2(x))))
+
+
 SWEEP = {
     "resnet10t": _timm("resnet10t"),
     "resnext": lambda: timm.models.resnet.ResNet(timm.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=C,
@@ -53,6 +70,7 @@ SWEEP = {
                                                               num_classes=C),
     "convmixer": lambda: timm.models.convmixer.ConvMixer(dim=32, depth=2, num_classes=C),
     "mobilevit_xxs": _timm("mobilevit_xxs"),
+    "post_norm_mlp": lambda: PostNormMLP(),
     "tv_resnet18": lambda: torchvision.models.resnet18(num_classes=C),
     "tv_mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=C),
 }
