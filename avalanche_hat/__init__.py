@@ -6,6 +6,8 @@ register with ``import avalanche_hat.timm_models``.
 """
 from .capacity import CapacityReport, LayerCapacity, capacity_report
 from .config import HATConfig
+from .converter import ConversionError, ConversionReport, convert
+from .export import export_task
 from .forgetting import forget_task
 from .mechanism.schedules import ConstantMaskScale, CosineMaskScale, LinearMaskScale, MaskScaleSchedule
 from .network import (
@@ -37,7 +39,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "HATConfig", "HATPayload", "check_network_output", "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
+    "HATConfig", "HATPayload", "check_network_output", "convert", "export_task", "ConversionReport", "ConversionError",
+    "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
     "ConstantMaskScale", "CosineMaskScale", "LinearMaskScale", "MaskScaleSchedule",
     "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",

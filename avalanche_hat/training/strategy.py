@@ -89,7 +89,11 @@ class HAT(SupervisedTemplate):
     or a HAT-aware Avalanche MultiTaskModule (see :class:`HATMultiTaskModel`). Every head and mask
     embedding exists before training. The stream must carry task labels (``return_task_id=True``).
 
-    :param model: the HAT network or HAT multi-task model.
+    :param model: the HAT network or HAT multi-task model, or any plain model, which is converted
+        with :func:`avalanche_hat.convert` (``hat_config`` is then required; ``num_classes``, if given,
+        is the width of the per-task heads that replace its classifier; pretrained weights are every
+        task's starting point). The optimizer, made for the plain model's parameters in one group,
+        is pointed at the converted network's.
     :param optimizer: any torch optimizer without weight decay; its state is reset per experience.
     :param criterion: the loss (cross entropy).
     :param num_classes: classes per task when the network returns features: a per-task head of that
@@ -137,6 +141,7 @@ class HAT(SupervisedTemplate):
         **base_kwargs,
     ) -> None:
         check_optimizer(optimizer)
+        model, num_classes = _convert_plain_model(model, optimizer, num_classes, hat_config)
         model = as_hat_model(model, num_classes=num_classes, hat_config=hat_config)
         _add_new_parameters(optimizer, model)
         self.hat_plugin = HATPlugin(
@@ -184,6 +189,38 @@ class HAT(SupervisedTemplate):
         # in one process or in a distributed run (wrapped again when training starts).
         state["model"] = unwrap_model(state["model"])
         return state
+
+
+def _convert_plain_model(model: nn.Module, optimizer: Optimizer, num_classes, hat_config):
+    """A plain model (no HAT layer) converted with :func:`avalanche_hat.convert` (its weights are every
+    task's starting point; ``num_classes`` sets the per-task heads' width), and the optimizer pointed
+    at the converted network's parameters. A HAT network or HAT multi-task model passes as it is."""
+    from ..converter import convert
+    from ..network import hat_modules
+
+    inner = unwrap_model(model)
+    if isinstance(inner, MultiTaskModule) or any(True for _ in hat_modules(inner)):
+        return model, num_classes
+    if inner is not model:
+        raise ValueError("pass the plain model, not a DistributedDataParallel wrapper: HAT converts it first")
+    if hat_config is None:
+        raise ValueError(
+            f"{type(model).__name__} has no HAT layers: HAT converts it (avalanche_hat.convert) and needs "
+            "hat_config=HATConfig(num_tasks=...) for that"
+        )
+    own = [p for p in model.parameters()]
+    given = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(optimizer.param_groups) != 1 or {id(p) for p in given} != {id(p) for p in own}:
+        raise ValueError(
+            "HAT converts the plain model into a new network, so the optimizer must be made for all of the "
+            "model's parameters in one parameter group (it is pointed at the converted network's "
+            "parameters); or convert first: net = avalanche_hat.convert(model, hat_config) and build the "
+            "optimizer on net.parameters()"
+        )
+    net = convert(model, hat_config, heads=num_classes)
+    optimizer.param_groups[0]["params"] = list(net.parameters())
+    optimizer.state.clear()
+    return net, None
 
 
 def _distributed_plugin(distributed) -> Optional[DistributedHATPlugin]:
