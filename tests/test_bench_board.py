@@ -154,17 +154,17 @@ def test_permuted_command_evaluates_seen_tasks_and_records_costs(tiny_fmnist, tm
 
 
 # ------------------------------------------------------------------------------- merged reports
-def _board(methods, seeds=(0,), benchmark="fmnist"):
+def _board(methods, seeds=(0,), benchmark="fmnist", load_seconds=1.0):
     runs = [MethodResult(method=m, seed=s, matrix=[[0.9, 0.5], [0.9, 0.8]], train_seconds=1.0, parameters=10,
                          peak_memory_mb=1.0, memory_kind="x", config={}).to_dict() for m in methods for s in seeds]
-    config = {"command": f"avalanche-hat-bench --methods {' '.join(methods)}", "benchmark": {"benchmark": benchmark},
+    config = {"command": f"avalanche-hat-bench --methods {' '.join(methods)}", "benchmark": {"benchmark": benchmark, "load_seconds": load_seconds},
               "settings": {"epochs": 1}, "methods": list(methods), "seeds": list(seeds),
               "hyper_parameters": {m: {} for m in methods}, "total_wall_seconds": 1.0}
     return {"config": config, "runs": runs}
 
 
 def test_leaderboards_of_the_same_board_merge_and_others_do_not():
-    merged = cli.merge_leaderboards([_board(["HAT"]), _board(["Naive", "EWC"])])
+    merged = cli.merge_leaderboards([_board(["HAT"]), _board(["Naive", "EWC"], load_seconds=2.5)])
     assert [r["method"] for r in merged["runs"]] == ["HAT", "Naive", "EWC"]
     assert merged["config"]["methods"] == ["HAT", "Naive", "EWC"]
     assert len(merged["config"]["merged_commands"]) == 2

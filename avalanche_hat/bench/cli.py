@@ -516,6 +516,12 @@ def publish(out: Path, stem: str, results, config: dict, plots: bool = True, env
     return paths
 
 
+def _comparable(part):
+    """A benchmark or settings record without what differs between processes of one board (the
+    seconds spent loading the data)."""
+    return {k: v for k, v in part.items() if k != "load_seconds"} if isinstance(part, dict) else part
+
+
 def merge_leaderboards(datas: list[dict]) -> dict:
     """Several leaderboard JSONs of one benchmark and budget as one: the runs of all (in order; a
     method and seed run twice is an error), the first one's configuration with the methods, seeds,
@@ -527,7 +533,7 @@ def merge_leaderboards(datas: list[dict]) -> dict:
     for k, data in enumerate(datas[1:], start=1):
         other = data["config"]
         for key in ("benchmark", "settings"):
-            if other.get(key) != config.get(key):
+            if _comparable(other.get(key)) != _comparable(config.get(key)):
                 raise ValueError(f"JSON {k + 1} has another {key} than the first: {other.get(key)} against "
                                  f"{config.get(key)}; only runs of the same benchmark and budget merge")
         for run in data["runs"]:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -158,6 +159,7 @@ def mean_accuracy_seen(results, path: Path, title: str = "", chance: float | Non
     if chance is not None:
         ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("tasks learned")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("mean accuracy over the tasks seen (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -205,6 +207,7 @@ def long_sequence(results, path: Path, title: str = "") -> Path:
     d.set_title("Peak memory", fontsize=9)
     for ax in axes.flat:
         ax.set_xlabel("tasks learned")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     a.legend(fontsize=7, ncol=2)
     if title:
