@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         + default_help("hat_quota").replace("default: 1/T", "default: 1/T, T the number of tasks"))
     g.add_argument("--hat-max-mask-scale", type=float, default=hp.hat_max_mask_scale,
                    help="s_max of HAT's mask-scale schedule (original HAT's value)")
+    g.add_argument("--hat-embedding-lr", type=float, default=None,
+                   help="learning rate of HAT's mask embeddings; " + default_help("hat_embedding_lr").replace(
+                       "default: 1/T", "default: the weights' --lr"))
     g.add_argument("--hat-schedule", choices=("cosine", "linear"), default=hp.hat_schedule,
                    help="cosine: HAT-CL Eq. 6; linear: original HAT Eq. 4")
     g.add_argument("--hat-scale-unit", choices=("epoch", "experience"), default=hp.hat_scale_unit,
@@ -240,7 +243,7 @@ def _settings_and_hp(args, spec):
         hat_reg_coef=args.hat_reg_coef, hat_quota=args.hat_quota, hat_max_mask_scale=args.hat_max_mask_scale, hat_schedule=args.hat_schedule,
         hat_scale_unit=args.hat_scale_unit, hat_task_score=args.hat_task_score,
         hat_reject_head=args.hat_reject_head, er_ace_batch_size_mem=args.er_ace_batch_size_mem,
-        agem_sample_size=args.agem_sample_size,
+        agem_sample_size=args.agem_sample_size, hat_embedding_lr=args.hat_embedding_lr,
     )
     return settings, hp
 

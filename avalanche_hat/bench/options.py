@@ -63,6 +63,10 @@ class HyperParameters:
     hat_max_mask_scale: float = 400.0  # s_max, original HAT
     hat_schedule: str = "cosine"  # HAT-CL Eq. 6
     hat_scale_unit: str = "epoch"  # one period of the mask-scale schedule: "epoch" or "experience"
+    # Learning rate of the mask embeddings (None: the weights'). A mask closes only when the usage
+    # penalty has moved its embedding from the dense init (1) below 0; with few steps per task
+    # (Permuted FMNIST here: 47 per epoch) the weights' rate never gets there and task 0 keeps every unit.
+    hat_embedding_lr: float | None = None
     # Class-incremental HAT (HATClassIncrementalModel), chosen on the holdout of Split FMNIST's training
     # data: the task score and a reject logit per head trained with rotated negatives.
     hat_task_score: str = "mahalanobis"

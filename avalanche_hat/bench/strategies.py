@@ -303,6 +303,11 @@ def hat(settings, hp, plugins, evaluator) -> Built:
     else:
         model = HATMultiTaskModel(backbone, num_classes=settings.classes_per_task, hat_config=cfg)
     kwargs = _common(model, settings, plugins, evaluator)
+    if hp.hat_embedding_lr is not None:
+        from avalanche_hat import hat_param_groups
+
+        kwargs["optimizer"] = make_optimizer(hat_param_groups(model, embedding_lr=hp.hat_embedding_lr), settings)
+    config["hat_embedding_lr"] = hp.hat_embedding_lr
     strategy = HAT(reg_coef=hp.hat_reg_coef, quota=hp.hat_quota, schedule=hp.hat_schedule,
                    scale_unit=hp.hat_scale_unit, **kwargs)
     return Built(strategy, model, config)
