@@ -137,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hat-max-mask-scale", type=float, default=hp.hat_max_mask_scale,
                    help="s_max of HAT's mask-scale schedule (original HAT's value)")
     g.add_argument("--hat-embedding-lr", type=float, default=None,
-                   help="learning rate of HAT's mask embeddings; " + default_help("hat_embedding_lr").replace(
-                       "default: 1/T", "default: the weights' --lr"))
+                   help="learning rate of HAT's mask embeddings; " + default_help("hat_embedding_lr", none="the weights' --lr"))
     g.add_argument("--hat-schedule", choices=("cosine", "linear"), default=hp.hat_schedule,
                    help="cosine: HAT-CL Eq. 6; linear: original HAT Eq. 4")
     g.add_argument("--hat-scale-unit", choices=("epoch", "experience"), default=hp.hat_scale_unit,
@@ -199,6 +198,9 @@ def resolve_defaults(args) -> str:
     if args.epochs is None:
         args.epochs = BUDGETS.get(args.benchmark, {}).get("epochs", DEFAULT_EPOCHS)
     tuned, source = tuned_coefficients(args.benchmark, args.scenario)
+    if args.benchmark == "pfmnist" and args.tasks != TASKS["pfmnist"] and "hat_quota" in tuned:
+        del tuned["hat_quota"]  # chosen for 10 tasks: a longer sequence keeps 1/T
+        source += f"; HAT's quota 1/T for {args.tasks} tasks"
     for key, value in tuned.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -249,7 +249,9 @@ def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[Metho
     bench = config.get("benchmark", {})
     setting = f" ({bench['scenario']})" if bench.get("scenario", "task-incremental") != "task-incremental" else ""
     md = [f"# Leaderboard: {bench.get('benchmark', '?')}{setting}", "",
-          f"Command: `{config.get('command', '')}`", "", markdown_table(rows), "",
+          *([f"Command: `{config.get('command', '')}`"] if not config.get("merged_commands") else
+            ["Commands (runs of separate processes, merged with `--from-json`):", "",
+             *(f"- `{c}`" for c in config["merged_commands"])]), "", markdown_table(rows), "",
           "ACC: mean final accuracy over tasks. BWT: mean over tasks 0..T-2 of (final accuracy - accuracy "
           "right after learning the task). Forgetting: mean over tasks 0..T-2 of (best accuracy before the "
           "last task - final accuracy). JointTraining learns all tasks at once: BWT and forgetting do not "
