@@ -21,7 +21,7 @@ TINY = ["--benchmark", "digits", "--epochs", "2", "--seeds", "0", "1", "--batch-
 
 @pytest.fixture(scope="module")
 def leaderboard(tmp_path_factory):
-    """All 8 methods on digits, 2 seeds, through ``main`` (what the console script calls)."""
+    """All 9 methods on digits, 2 seeds, through ``main`` (what the console script calls)."""
     out = tmp_path_factory.mktemp("leaderboard")
     assert cli.main([*TINY, "--out", str(out)]) == 0
     return out, json.loads((out / "digits.json").read_text())
@@ -125,6 +125,8 @@ def test_fmnist_missing_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FMNIST", tmp_path / "nowhere")
     monkeypatch.setenv("AVALANCHE_DATA", str(tmp_path / "nothing"))
     with pytest.raises(DataNotFound, match="apt-get install dataset-fashion-mnist"):
+        load_fmnist()
+    with pytest.raises(DataNotFound, match="holds no Fashion-MNIST"):
         load_fmnist(tmp_path)
     assert cli.main(["--data-root", str(tmp_path), "--no-progress"]) == 2
 

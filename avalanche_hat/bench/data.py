@@ -9,6 +9,12 @@ per-sample PIL transform runs during training, so the CPU goes to the networks, 
 - ``fmnist``: real Fashion-MNIST read from its four IDX files: ``--data-root``, Debian's
   ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``) or torchvision's layout
   under Avalanche's default data folder. 5 tasks of 2 classes.
+- ``pfmnist``: Permuted Fashion-MNIST (as Avalanche's ``PermutedMNIST``): every task is the whole
+  10-class data set under one fixed random pixel permutation (drawn from ``data_seed``; task 0 is
+  permuted too), one 10-way head per task, task labels given. Built by ``nc_benchmark`` with one
+  data set per experience on tensors permuted once (no per-sample transform). ``num_tasks`` sets
+  the length of the sequence (10 by default); ``train_per_task`` / ``test_per_task`` draw a
+  stratified subset of the training / evaluation images, the same images in every task.
 - ``digits``: scikit-learn's 8x8 digits (ships with scikit-learn, 1797 images), split 80/20 with a
   fixed seed. 5 tasks of 2 classes. For tiny runs and CI.
 - ``cifar10`` (5 tasks), ``cifar100`` (10 tasks), ``cifar100-20`` (20 tasks): fetched by
@@ -40,12 +46,7 @@ FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
-BENCHMARKS = ("fmnist", "digits", "cifar10", "cifar100", "cifar100-20")
-#: "task": task-incremental (a task label per experience, class ids from 0 in each); "class":
-#: class-incremental (every experience labelled task 0, global class ids), as
-#: ``SplitFMNIST(..., return_task_id=False)``.
-SCENARIOS = ("task", "class")
-TASKS = {"fmnist": 5, "digits": 5, "cifar10": 5, "cifar100": 10, "cifar100-20": 20}
+from .options import BENCHMARKS, SCENARIOS, TASKS  # noqa: F401  (re-exported)
 
 
 class DataNotFound(FileNotFoundError):
@@ -85,14 +86,16 @@ class BenchmarkSpec:
     class_order: list[int] = field(default_factory=list)
     load_seconds: float = 0.0
     scenario_kind: str = "task"  # "task"- or "class"-incremental
+    per_task_images: bool = False  # pfmnist: train_size / test_size count the images of one task
 
     def describe(self) -> dict:
+        sizes = {"images_per_task": True} if self.per_task_images else {}
         return {
             "benchmark": self.name, "num_tasks": self.num_tasks, "classes_per_task": self.classes_per_task,
             "input": [self.in_chans, self.img_size, self.img_size], "train_size": self.train_size,
             "eval_size": self.test_size, "evaluation_set": self.evaluation_set, "source": self.source,
             "class_order": self.class_order, "load_seconds": round(self.load_seconds, 2),
-            "scenario": f"{self.scenario_kind}-incremental",
+            "scenario": f"{self.scenario_kind}-incremental", **sizes,
         }
 
 
@@ -119,29 +122,37 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def fmnist_folders(data_root: str | os.PathLike | None) -> list[Path]:
-    """Where Fashion-MNIST's IDX files are looked for, in order."""
-    folders = []
+    """Where Fashion-MNIST's IDX files are looked for, in order: ``data_root`` (and its torchvision
+    and Debian-style subfolders) alone when it is given, else Debian's package and Avalanche's
+    default data folder."""
     if data_root is not None:
         root = Path(data_root).expanduser()
-        folders += [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
-    folders.append(DEBIAN_FMNIST)
+        return [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
     avalanche_default = Path(os.environ.get("AVALANCHE_DATA", "~/.avalanche/data")).expanduser() / "fashionmnist"
-    folders.append(avalanche_default / "FashionMNIST" / "raw")
-    return folders
+    return [DEBIAN_FMNIST, avalanche_default / "FashionMNIST" / "raw"]
 
 
 def load_fmnist(data_root=None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], str]:
     """Fashion-MNIST as ``(train_x, train_y), (test_x, test_y), folder``; images ``N x 1 x 28 x 28``,
-    normalised with the training set's mean and std."""
+    normalised with the training set's mean and std. A ``data_root`` without the files is an error
+    (never a silent fall-back to another copy)."""
     for folder in fmnist_folders(data_root):
         paths = {k: _find_idx(folder, stem) for k, stem in FMNIST_FILES.items()}
         if all(paths.values()):
             break
     else:
         looked = "\n  ".join(str(f) for f in fmnist_folders(data_root))
+        files = ", ".join(f"{stem}(.gz)" for stem in FMNIST_FILES.values())
+        if data_root is not None:
+            state = "does not exist" if not Path(data_root).expanduser().exists() else "holds no Fashion-MNIST"
+            raise DataNotFound(
+                f"--data-root {data_root} {state}. Looked for the four IDX files {files} in:\n  {looked}\n"
+                "Point --data-root at the folder holding them (or at torchvision's root with FashionMNIST/raw), "
+                "or leave it out to use Debian's package (/usr/share/datasets/fashion-mnist)."
+            )
         raise DataNotFound(
-            "Fashion-MNIST not found. Looked for train-images-idx3-ubyte(.gz) and the three other IDX "
-            f"files in:\n  {looked}\nInstall Debian's package (sudo apt-get install dataset-fashion-mnist) "
+            f"Fashion-MNIST not found. Looked for the four IDX files {files} in:\n  {looked}\n"
+            "Install Debian's package (sudo apt-get install dataset-fashion-mnist) "
             "or pass --data-root FOLDER with the four files (or torchvision's FashionMNIST/raw layout); "
             "--benchmark digits needs no download."
         )
@@ -246,6 +257,38 @@ def split_benchmark(train, test, num_tasks: int, class_order: list[int], scenari
     )
 
 
+def pixel_permutations(num_tasks: int, num_pixels: int, seed: int) -> list[torch.Tensor]:
+    """One fixed random permutation of the pixels per task, drawn in order from ``seed`` (task ``t``'s
+    permutation does not depend on how many tasks follow)."""
+    rng = np.random.RandomState(seed)
+    return [torch.from_numpy(rng.permutation(num_pixels)).long() for _ in range(num_tasks)]
+
+
+def permuted_benchmark(train, test, num_tasks: int, seed: int):
+    """Avalanche's permuted benchmark on preloaded tensors: ``nc_benchmark`` with one data set per
+    experience (what ``PermutedMNIST`` builds), task labels, class ids from 0 in each experience.
+    Each task's images are permuted once here, not per sample."""
+    from avalanche.benchmarks import nc_benchmark
+
+    shape = train[0].shape[1:]
+    perms = pixel_permutations(num_tasks, int(np.prod(shape)), seed)
+
+    def permuted(x, perm):
+        return x.flatten(1)[:, perm].reshape(len(x), *shape).contiguous()
+
+    trains = [PreloadedImages(permuted(train[0], p), train[1]) for p in perms]
+    tests = [PreloadedImages(permuted(test[0], p), test[1]) for p in perms]
+    return nc_benchmark(trains, tests, n_experiences=num_tasks, task_labels=True, shuffle=False,
+                        class_ids_from_zero_in_each_exp=True, one_dataset_per_exp=True)
+
+
+def _stratified_count(targets: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Indices of about ``count`` images, the same share of every class."""
+    if count >= len(targets):
+        return torch.arange(len(targets))
+    return stratified_subset(targets, count / len(targets), seed)
+
+
 def make_benchmark(
     name: str = "fmnist",
     *,
@@ -254,6 +297,9 @@ def make_benchmark(
     train_fraction: float = 1.0,
     data_seed: int = 0,
     scenario: str = "task",
+    num_tasks: int | None = None,
+    train_per_task: int | None = None,
+    test_per_task: int | None = None,
 ) -> BenchmarkSpec:
     """Build benchmark ``name``, task- or class-incremental (``scenario``, see :data:`SCENARIOS`).
 
@@ -261,24 +307,37 @@ def make_benchmark(
         holdout: if set (e.g. 0.1), that share of every class of the *training* data becomes the
             evaluation set and the test set is not touched (hyper-parameter selection).
         train_fraction: train on this stratified share of the training data (1.0: all of it).
-        data_seed: seed of the holdout and subset draws (the class order is fixed).
+        data_seed: seed of the holdout and subset draws and of pfmnist's permutations (the class
+            order is fixed).
+        num_tasks, train_per_task, test_per_task: ``pfmnist`` only: the number of permutations and
+            the stratified number of training / evaluation images of each task (None: all).
     """
     import time
 
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(BENCHMARKS)}")
+    if name != "pfmnist" and (num_tasks is not None or train_per_task or test_per_task):
+        raise ValueError("num_tasks, train_per_task and test_per_task apply to the pfmnist benchmark only "
+                         f"({name} has {TASKS[name]} fixed tasks): use train_fraction")
+    if name == "pfmnist" and scenario != "task":
+        raise ValueError("pfmnist is task-incremental: every task has the same 10 classes (scenario='task')")
     start = time.perf_counter()
-    if name == "fmnist":
+    if name in ("fmnist", "pfmnist"):
         train, test, source = load_fmnist(data_root)
         in_chans, img = 1, 28
     elif name == "digits":
+        if data_root is not None:
+            raise DataNotFound(f"--data-root {data_root}: the digits benchmark ships with scikit-learn and reads "
+                               "no folder; leave --data-root out")
         train, test, source = load_digits()
         in_chans, img = 1, 8
     else:
         train, test, source = load_cifar(10 if name == "cifar10" else 100, data_root)
         in_chans, img = 3, 32
     num_classes = int(train[1].max()) + 1
-    num_tasks = TASKS[name]
+    num_tasks = num_tasks or TASKS[name]
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
     evaluation = "test"
     if holdout:
         keep, held = stratified_holdout(train[1], holdout, data_seed)
@@ -289,12 +348,24 @@ def make_benchmark(
         sub = stratified_subset(train[1], train_fraction, data_seed + 1)
         train = (train[0][sub], train[1][sub])
     class_order = list(range(num_classes))
-    benchmark = split_benchmark(train, test, num_tasks, class_order, scenario)
+    if name == "pfmnist":
+        if train_per_task:
+            sub = _stratified_count(train[1], train_per_task, data_seed + 2)
+            train = (train[0][sub], train[1][sub])
+        if test_per_task:
+            sub = _stratified_count(test[1], test_per_task, data_seed + 3)
+            test = (test[0][sub], test[1][sub])
+        benchmark = permuted_benchmark(train, test, num_tasks, data_seed)
+        classes_per_task = num_classes
+        source += f" (pixels permuted per task, permutations from seed {data_seed})"
+    else:
+        benchmark = split_benchmark(train, test, num_tasks, class_order, scenario)
+        classes_per_task = num_classes // num_tasks
     return BenchmarkSpec(
-        name=name, scenario=benchmark, num_tasks=num_tasks, classes_per_task=num_classes // num_tasks,
+        name=name, scenario=benchmark, num_tasks=num_tasks, classes_per_task=classes_per_task,
         in_chans=in_chans, img_size=img, train_size=len(train[1]), test_size=len(test[1]),
         evaluation_set=evaluation, source=source, class_order=class_order,
-        load_seconds=time.perf_counter() - start, scenario_kind=scenario,
+        load_seconds=time.perf_counter() - start, scenario_kind=scenario, per_task_images=name == "pfmnist",
     )
 
 

@@ -108,8 +108,86 @@ def matrix_markdown(result: MethodResult) -> str:
     lines = [head, "|---|" + "---:|" * t]
     labels = ["all tasks (joint)"] if len(result.matrix) == 1 else [f"task {i}" for i in range(len(result.matrix))]
     for label, row in zip(labels, result.matrix):
-        lines.append(f"| {label} | " + " | ".join(f"{100 * v:.2f}" for v in row) + " |")
+        lines.append(f"| {label} | " + " | ".join("–" if math.isnan(v) else f"{100 * v:.2f}" for v in row) + " |")
     return "\n".join(lines)
+
+
+def checkpoints(num_tasks: int) -> list[int]:
+    """The numbers of tasks learned that the sequence tables show: every one up to 10, else about ten."""
+    if num_tasks <= 10:
+        return list(range(1, num_tasks + 1))
+    step = 5 if num_tasks <= 25 else 10
+    return sorted({1, *range(step, num_tasks + 1, step), num_tasks})
+
+
+def _by_method(results: list[MethodResult]) -> dict[str, list[MethodResult]]:
+    out: dict[str, list[MethodResult]] = {}
+    for r in results:
+        out.setdefault(r.method, []).append(r)
+    return out
+
+
+def seen_markdown(results: list[MethodResult]) -> str:
+    """Mean accuracy over the tasks seen so far after each number of tasks learned (mean over seeds),
+    one row per method, best final value first. Empty without sequential runs."""
+    methods = {m: rs for m, rs in _by_method(results).items() if len(rs[0].matrix) > 1}
+    if not methods:
+        return ""
+    n = len(next(iter(methods.values()))[0].matrix)
+    cols = checkpoints(n)
+    table = {m: np.mean([r.mean_seen for r in rs], axis=0) for m, rs in methods.items()}
+    order = sorted(table, key=lambda m: -table[m][-1])
+    lines = ["| method | " + " | ".join(f"{k}" for k in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m in order:
+        lines.append(f"| {m} | " + " | ".join(f"{100 * table[m][k - 1]:.2f}" for k in cols) + " |")
+    return "\n".join(lines)
+
+
+def sequence_markdown(results: list[MethodResult]) -> str:
+    """Per method (first seed) at a few numbers of tasks learned: the first task's accuracy, the
+    train time per training step and the peak memory so far; HAT's owned capacity. Empty for runs
+    without per-task records."""
+    runs = {m: rs[0] for m, rs in _by_method(results).items() if rs[0].task_seconds and len(rs[0].matrix) > 1}
+    if not runs:
+        return ""
+    n = len(next(iter(runs.values())).matrix)
+    cols = checkpoints(n)
+    out = []
+    for title, cell in (
+        ("Accuracy on task 0 (%) after k tasks", lambda r, k: f"{100 * r.matrix[k - 1][0]:.2f}"),
+        ("Train time per training step (ms) of the k-th task", lambda r, k: f"{1000 * r.seconds_per_step[k - 1]:.1f}"),
+        ("Peak memory so far (MB) after k tasks", lambda r, k: f"{r.task_peak_memory_mb[k - 1]:.1f}"),
+    ):
+        out += [f"### {title}", "", "| method | " + " | ".join(f"k={k}" for k in cols) + " |",
+                "|---|" + "---:|" * len(cols)]
+        out += [f"| {m} | " + " | ".join(cell(r, k) for k in cols) + " |" for m, r in runs.items()]
+        out.append("")
+    hat = runs.get("HAT")
+    if hat is not None and hat.owned_after_task:
+        out += ["### HAT: share of its units some task owns after k tasks", "",
+                "| | " + " | ".join(f"k={k}" for k in cols) + " |", "|---|" + "---:|" * len(cols),
+                "| owned (%) | " + " | ".join(f"{100 * hat.owned_after_task[k - 1]:.1f}" for k in cols) + " |"]
+        if hat.capacity:
+            out.append("| used by task k-1 (%) | " + " | ".join(
+                f"{100 * hat.capacity['usage'][str(k - 1)]:.1f}" for k in cols) + " |")
+        out.append("")
+    ratio = _step_growth(runs)
+    if ratio:
+        out += ["### Growth of the step cost", "",
+                "Median train time per step over the last quarter of the tasks divided by the median over the "
+                "first quarter (1.0: a step costs the same whatever the number of tasks learned):", "",
+                "| method | ratio |", "|---|---:|"] + [f"| {m} | {v:.2f} |" for m, v in ratio.items()] + [""]
+    return "\n".join(out)
+
+
+def _step_growth(runs: dict[str, MethodResult]) -> dict[str, float]:
+    out = {}
+    for m, r in runs.items():
+        per_step = r.seconds_per_step
+        q = len(per_step) // 4
+        if q >= 1:
+            out[m] = float(np.median(per_step[-q:]) / np.median(per_step[:q]))
+    return out
 
 
 def environment() -> dict:
@@ -161,22 +239,27 @@ def paired_markdown(pairs: list[dict], reference: str = "HAT") -> str:
 
 
 def write_outputs(out_dir: Path, stem: str, rows: list[Row], results: list[MethodResult], config: dict,
-                  extra_markdown: str = "", env: dict | None = None) -> dict[str, Path]:
+                  extra_markdown: str = "", env: dict | None = None, notes: str = "") -> dict[str, Path]:
     """``<stem>.md``, ``<stem>.csv``, ``<stem>.json`` in ``out_dir``; returns their paths. ``env``: the
-    versions and machine of the run (default: this process's)."""
+    versions and machine of the run (default: this process's). ``notes``: hand-written Markdown placed
+    after the table (the reading of the board, from ``<stem>_notes.md``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{stem}.{k}" for k in ("md", "csv", "json")}
 
     bench = config.get("benchmark", {})
     setting = f" ({bench['scenario']})" if bench.get("scenario", "task-incremental") != "task-incremental" else ""
     md = [f"# Leaderboard: {bench.get('benchmark', '?')}{setting}", "",
-          f"Command: `{config.get('command', '')}`", "", markdown_table(rows), "",
+          *([f"Command: `{config.get('command', '')}`"] if not config.get("merged_commands") else
+            ["Commands (runs of separate processes, merged with `--from-json`):", "",
+             *(f"- `{c}`" for c in config["merged_commands"])]), "", markdown_table(rows), "",
           "ACC: mean final accuracy over tasks. BWT: mean over tasks 0..T-2 of (final accuracy - accuracy "
           "right after learning the task). Forgetting: mean over tasks 0..T-2 of (best accuracy before the "
           "last task - final accuracy). JointTraining learns all tasks at once: BWT and forgetting do not "
           "apply. In the BWT and forgetting columns only an exact 0 prints as 0.00; a value that merely rounds "
           f"to 0 keeps its sign (-0.00, +0.00). Peak memory: {results[0].memory_kind if results else ''}. "
           f"Seeds: {config.get('seeds')}; ± is the standard deviation over seeds.", ""]
+    if notes:
+        md += [notes.strip(), ""]
     pairs = paired_differences(rows)
     if pairs:
         md += [paired_markdown(pairs), ""]

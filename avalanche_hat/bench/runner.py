@@ -27,7 +27,24 @@ class MethodResult:
     config: dict
     capacity: dict | None = None  # HAT: per-task share of units and the capacity table
     task_inference: dict | None = None  # class-incremental HAT: task-id prediction per score, TIL accuracy
+    # Per task learned (index i: the i-th experience; joint training: one entry): seconds of
+    # ``strategy.train``, its training steps, the peak memory so far (same measure as
+    # ``peak_memory_mb``) and, for HAT, the share of all HAT units some task owns after it.
+    task_seconds: list[float] = field(default_factory=list)
+    task_steps: list[int] = field(default_factory=list)
+    task_peak_memory_mb: list[float] = field(default_factory=list)
+    owned_after_task: list[float] | None = None
     model: object = field(default=None, repr=False)
+
+    @property
+    def seconds_per_step(self) -> list[float]:
+        """Train time per training step of each task (the cost of one step as tasks accumulate)."""
+        return [sec / max(n, 1) for sec, n in zip(self.task_seconds, self.task_steps)]
+
+    @property
+    def mean_seen(self) -> list[float]:
+        """After each task i: mean accuracy over tasks 0..i (the tasks seen so far)."""
+        return [float(np.mean(row[:i + 1])) for i, row in enumerate(self.matrix)]
 
     @property
     def final(self) -> list[float]:
@@ -58,9 +75,12 @@ class MethodResult:
     @classmethod
     def from_dict(cls, d: dict) -> "MethodResult":
         """Back from :meth:`to_dict` (the ``runs`` of a leaderboard JSON)."""
-        return cls(method=d["method"], seed=d["seed"], matrix=d["accuracy_matrix"], train_seconds=d["train_seconds"],
+        matrix = [[math.nan if v is None else v for v in row] for row in d["accuracy_matrix"]]
+        return cls(method=d["method"], seed=d["seed"], matrix=matrix, train_seconds=d["train_seconds"],
                    parameters=d["parameters"], peak_memory_mb=d["peak_memory_mb"], memory_kind=d["memory_kind"],
-                   config=d["config"], capacity=d.get("capacity"), task_inference=d.get("task_inference"))
+                   config=d["config"], capacity=d.get("capacity"), task_inference=d.get("task_inference"),
+                   task_seconds=d.get("task_seconds", []), task_steps=d.get("task_steps", []),
+                   task_peak_memory_mb=d.get("task_peak_memory_mb", []), owned_after_task=d.get("owned_after_task"))
 
     def to_dict(self) -> dict:
         return {
@@ -68,7 +88,8 @@ class MethodResult:
             "forgetting": self.forgetting, "train_seconds": self.train_seconds, "parameters": self.parameters,
             "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
             "accuracy_matrix": self.matrix, "config": self.config, "capacity": self.capacity,
-            "task_inference": self.task_inference,
+            "task_inference": self.task_inference, "task_seconds": self.task_seconds, "task_steps": self.task_steps,
+            "task_peak_memory_mb": self.task_peak_memory_mb, "owned_after_task": self.owned_after_task,
         }
 
 
@@ -132,13 +153,24 @@ class PeakMemory:
     def megabytes(self) -> float:
         return self.peak_bytes / 2 ** 20
 
+    def so_far_mb(self) -> float:
+        """The peak up to now, while the block runs (MB, same measure as :attr:`megabytes`)."""
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2 ** 20
+        if self._maxrss is not None:
+            return (self._maxrss() - self._base) / 2 ** 20
+        self._max = max(self._max, self._proc.memory_info().rss)
+        return (self._max - self._base) / 2 ** 20
 
-def _progress_plugin(bar):
+
+def _progress_plugin(bar, steps: list[int]):
+    """Advances the bar and counts the training steps (``steps[0]``)."""
     from avalanche.core import SupervisedPlugin
 
     class Progress(SupervisedPlugin, supports_distributed=True):
         def after_training_iteration(self, strategy, **kwargs):
             bar.update(1)
+            steps[0] += 1
 
     return Progress()
 
@@ -150,14 +182,16 @@ def _evaluator():
     return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
 
 
-def _accuracy_row(metrics: dict, num_tasks: int) -> list[float]:
-    """Per-experience accuracies from Avalanche's ``Top1_Acc_Exp/eval_phase/test_stream/TaskXXX/ExpXXX``."""
+def _accuracy_row(metrics: dict, num_tasks: int, seen: int | None = None) -> list[float]:
+    """Per-experience accuracies from Avalanche's ``Top1_Acc_Exp/eval_phase/test_stream/TaskXXX/ExpXXX``;
+    with ``seen``, only experiences ``0..seen-1`` were evaluated (the others stay NaN)."""
     row = [math.nan] * num_tasks
     for key, value in metrics.items():
         if key.startswith("Top1_Acc_Exp/eval_phase/test_stream/"):
             exp = int(key.rsplit("/Exp", 1)[1])
-            row[exp] = float(value)
-    if any(math.isnan(v) for v in row):
+            if seen is None or exp < seen:
+                row[exp] = float(value)
+    if any(math.isnan(v) for v in row[:seen]):
         raise RuntimeError(f"evaluation did not report every experience: {row}")
     return row
 
@@ -177,23 +211,33 @@ def run_method(method: str, scenario, settings: TrainSettings, hp: HyperParamete
     total = batches * settings.epochs
     bar = tqdm(total=total, desc=f"{method:>13} seed {seed}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True)
-    built = BUILDERS[method](settings, hp, [_progress_plugin(bar)], _evaluator())
+    steps = [0]
+    built = BUILDERS[method](settings, hp, [_progress_plugin(bar, steps)], _evaluator())
     strategy, model = built.strategy, built.model
     params = count_parameters(model)
     matrix: list[list[float]] = []
-    train_seconds = 0.0
+    task_seconds, task_steps, task_memory, owned = [], [], [], []
     with PeakMemory(settings.device) as memory:
         if method == "JointTraining":
-            start = time.perf_counter()
-            strategy.train(scenario.train_stream)
-            train_seconds += time.perf_counter() - start
-            matrix.append(_accuracy_row(strategy.eval(scenario.test_stream), num_tasks))
+            experiences = [scenario.train_stream]
         else:
-            for exp in scenario.train_stream:
-                start = time.perf_counter()
-                strategy.train(exp)
-                train_seconds += time.perf_counter() - start
+            experiences = list(scenario.train_stream)
+        for i, exp in enumerate(experiences):
+            steps[0] = 0
+            start = time.perf_counter()
+            strategy.train(exp)
+            task_seconds.append(time.perf_counter() - start)
+            task_steps.append(steps[0])
+            task_memory.append(memory.so_far_mb())
+            if method == "JointTraining" or not settings.eval_seen_only:
                 matrix.append(_accuracy_row(strategy.eval(scenario.test_stream), num_tasks))
+            else:  # the tasks learned so far; later tasks' heads are untrained (NaN in the matrix)
+                matrix.append(_accuracy_row(strategy.eval(scenario.test_stream[:i + 1]), num_tasks, seen=i + 1))
+            if method == "HAT":
+                from avalanche_hat import capacity_report
+
+                owned.append(capacity_report(model).owned)
+    train_seconds = sum(task_seconds)
     bar.close()
     capacity = None
     if method == "HAT":
@@ -209,7 +253,9 @@ def run_method(method: str, scenario, settings: TrainSettings, hp: HyperParamete
         task_inference = hat_task_inference(model, scenario.test_stream, settings)
     return MethodResult(method=method, seed=seed, matrix=matrix, train_seconds=train_seconds, parameters=params,
                         peak_memory_mb=memory.megabytes, memory_kind=memory.kind, config=built.config,
-                        capacity=capacity, task_inference=task_inference, model=model if keep_model else None)
+                        capacity=capacity, task_inference=task_inference, task_seconds=task_seconds,
+                        task_steps=task_steps, task_peak_memory_mb=task_memory,
+                        owned_after_task=owned or None, model=model if keep_model else None)
 
 
 def hat_task_inference(model, test_stream, settings: TrainSettings) -> dict:

@@ -16,61 +16,7 @@ import torch
 from torch import nn
 
 from .networks import MultiHeadNet, SingleHeadNet, build_trunk
-
-METHODS = ("HAT", "Naive", "EWC", "SI", "LwF", "PackNet", "Replay", "JointTraining")
-#: The methods of the class-incremental leaderboard: PackNet needs the task id at test time; ER-ACE
-#: (Caccia et al., 2022) is a strong rehearsal method made for class-incremental streams.
-CLASS_METHODS = ("HAT", "Naive", "EWC", "SI", "LwF", "Replay", "ER-ACE", "JointTraining")
-
-
-@dataclass
-class TrainSettings:
-    """What every method shares."""
-
-    network: str = "mlp"
-    width: int | None = None
-    epochs: int = 2
-    batch_size: int = 64
-    eval_batch_size: int = 1000
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
-    lr: float = 0.01
-    device: str = "cpu"
-    num_tasks: int = 5
-    classes_per_task: int = 2
-    in_chans: int = 1
-    img_size: int = 28
-    scenario: str = "task"  # "task": per-task heads and task labels; "class": one head over all classes
-
-    @property
-    def class_incremental(self) -> bool:
-        return self.scenario == "class"
-
-
-@dataclass
-class HyperParameters:
-    """Each method's own hyper-parameters. Defaults: chosen on a 10% holdout of Split FMNIST's
-    training data (``--tune``, never the test set); see ``benchmarks/results/README_SECTION.md``."""
-
-    # Chosen with `avalanche-hat-bench --tune` (Split FMNIST, 3 epochs, 10% holdout of the training
-    # data, seed 0; benchmarks/results/fmnist_tuning.json): the grid value with the best holdout ACC.
-    ewc_lambda: float = 1e5  # Avalanche EWC, mode "separate"; grid {1e2, 1e3, 1e4, 1e5, 1e6} (1e6 diverges)
-    si_lambda: float = 1e3  # SI with the copy fix (CopyingSynapticIntelligencePlugin); grid {1, 10, 1e2, 1e3, 1e4}
-    si_eps: float = 1e-7  # Avalanche's default
-    lwf_alpha: float = 10.0  # grid {0.1, 1, 10}
-    lwf_temperature: float = 2.0  # Avalanche's default
-    replay_mem_size: int = 500  # not tuned: total buffer (experience-balanced), ~1% of Split FMNIST's training set
-    packnet_post_prune_epochs: int | None = None  # None: half of the epochs (at least 1)
-    packnet_prune: str = "equal"  # "equal": task i keeps 1/(T - i) of the free weights; or a float
-    hat_reg_coef: float = 0.75  # HAT-CL layerwise usage penalty coefficient (original c); grid {0.1, 0.75, 1.5, 2.5}
-    hat_quota: float | None = None  # share of each layer's free units a task may use unpenalised (None: 1/T)
-    hat_max_mask_scale: float = 400.0  # s_max, original HAT
-    hat_schedule: str = "cosine"  # HAT-CL Eq. 6
-    hat_scale_unit: str = "epoch"  # one period of the mask-scale schedule: "epoch" or "experience"
-    # Class-incremental HAT (HATClassIncrementalModel), chosen on the holdout of Split FMNIST's training
-    # data: the task score and a reject logit per head trained with rotated negatives.
-    hat_task_score: str = "mahalanobis"
-    hat_reject_head: bool = True
-    er_ace_batch_size_mem: int | None = None  # ER-ACE's replayed samples per step (None: the batch size)
+from .options import CLASS_METHODS, METHODS, HyperParameters, TrainSettings  # noqa: F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -308,6 +254,21 @@ def er_ace(settings, hp, plugins, evaluator) -> Built:
                                    "replay_mem_size": hp.replay_mem_size, "er_ace_batch_size_mem": memory_batch})
 
 
+def agem(settings, hp, plugins, evaluator) -> Built:
+    from avalanche.training import AGEM
+
+    if settings.class_incremental:
+        raise UnsupportedScenario("A-GEM runs in the task-incremental leaderboards")
+    model = _plain_model(settings)
+    per_task = max(1, hp.replay_mem_size // settings.num_tasks)
+    sample = hp.agem_sample_size or settings.batch_size
+    strategy = AGEM(patterns_per_exp=per_task, sample_size=sample, **_common(model, settings, plugins, evaluator))
+    return Built(strategy, model, {
+        "description": "Avalanche AGEM (gradient projected against a reference gradient of memory samples); "
+                       "memory: the Replay budget split evenly over the tasks",
+        "agem_patterns_per_exp": per_task, "agem_sample_size": sample})
+
+
 def joint(settings, hp, plugins, evaluator) -> Built:
     from avalanche.training import JointTraining
 
@@ -342,6 +303,11 @@ def hat(settings, hp, plugins, evaluator) -> Built:
     else:
         model = HATMultiTaskModel(backbone, num_classes=settings.classes_per_task, hat_config=cfg)
     kwargs = _common(model, settings, plugins, evaluator)
+    if hp.hat_embedding_lr is not None:
+        from avalanche_hat import hat_param_groups
+
+        kwargs["optimizer"] = make_optimizer(hat_param_groups(model, embedding_lr=hp.hat_embedding_lr), settings)
+    config["hat_embedding_lr"] = hp.hat_embedding_lr
     strategy = HAT(reg_coef=hp.hat_reg_coef, quota=hp.hat_quota, schedule=hp.hat_schedule,
                    scale_unit=hp.hat_scale_unit, **kwargs)
     return Built(strategy, model, config)
@@ -349,7 +315,7 @@ def hat(settings, hp, plugins, evaluator) -> Built:
 
 BUILDERS: dict[str, Callable[..., Built]] = {
     "HAT": hat, "Naive": naive, "EWC": ewc, "SI": si, "LwF": lwf, "PackNet": packnet, "Replay": replay,
-    "ER-ACE": er_ace, "JointTraining": joint,
+    "ER-ACE": er_ace, "A-GEM": agem, "JointTraining": joint,
 }
 
 
@@ -362,6 +328,7 @@ def resolve_methods(names, scenario: str = "task") -> list[str]:
     lookup = {m.lower(): m for m in (*METHODS, *CLASS_METHODS)}
     lookup["joint"] = "JointTraining"
     lookup["er_ace"] = lookup["erace"] = "ER-ACE"
+    lookup["agem"] = lookup["a_gem"] = "A-GEM"
     out = []
     for name in names:
         for part in str(name).split(","):
