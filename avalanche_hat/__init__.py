@@ -7,7 +7,8 @@ register with ``import avalanche_hat.timm_models``.
 from .capacity import CapacityReport, LayerCapacity, capacity_report
 from .config import HATConfig
 from .forgetting import forget_task
-from .mechanism.schedules import ConstantMaskScale, CosineMaskScale, LinearMaskScale, MaskScaleSchedule
+from .mechanism.schedules import (ConstantMaskScale, CosineMaskScale, ExponentialMaskScale, LinearMaskScale,
+                                  MaskScaleSchedule)
 from .network import (
     clamp_embeddings_,
     hat_modules,
@@ -38,7 +39,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "HATConfig", "HATPayload", "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
-    "ConstantMaskScale", "CosineMaskScale", "LinearMaskScale", "MaskScaleSchedule",
+    "ConstantMaskScale", "CosineMaskScale", "ExponentialMaskScale", "LinearMaskScale", "MaskScaleSchedule",
     "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",
 ]

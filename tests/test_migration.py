@@ -95,3 +95,33 @@ def test_forward_by_plain_modules_is_unchanged():
     p = HATPayload(x, task_id=0)
     assert torch.equal(p.forward_by(nn.Softmax(dim=1)).data, x.softmax(1))
     assert torch.equal(p.forward_by(torch.nn.functional.relu).data, x.relu())
+
+
+# -------------------------------------------------------------------------------------- schedules
+def test_exponential_schedule_is_hatcl_formula():
+    from avalanche_hat import ExponentialMaskScale
+    from avalanche_hat.mechanism import make_schedule
+
+    s_max, r = 100.0, 0.8
+    sched = ExponentialMaskScale(s_max)
+    # HAT-CL: base = s_max ** (1 / r); s = base ** (p - 1 + r)
+    for p in (0.0, 0.1, 0.2, 0.5, 0.9, 1.0):
+        assert sched(p) == pytest.approx((s_max ** (1 / r)) ** (p - 1 + r), rel=1e-12)
+    assert sched(1.0) == pytest.approx(s_max) and sched(1 - r) == pytest.approx(1.0)
+    assert sched(0.0) == pytest.approx(s_max ** (-(1 - r) / r))
+    scales = [sched.at(b, 10) for b in range(10)]
+    assert scales == sorted(scales) and sum(s > 1 for s in scales) == 8  # above 1 for r of the unit
+    assert isinstance(make_schedule("exponential", 50.0), ExponentialMaskScale)
+    assert make_schedule("exponential", 50.0).max_scale == 50.0
+    with pytest.raises(ValueError, match="ratio_above_one"):
+        ExponentialMaskScale(10.0, ratio_above_one=0.0)
+
+
+def test_hat_plugin_runs_the_exponential_schedule_by_name():
+    from avalanche_hat import ExponentialMaskScale
+    from test_training import Recorder, make_strategy, tensor_benchmark
+
+    recorder = Recorder()
+    strategy = make_strategy(plugins=[recorder], epochs=1, schedule="exponential", max_mask_scale=100.0)
+    strategy.train(tensor_benchmark(3).train_stream[0])
+    assert recorder.train_scales == pytest.approx([ExponentialMaskScale(100.0).at(b, 4) for b in range(4)])
