@@ -9,7 +9,8 @@ from .config import HATConfig
 from .converter import ConversionError, ConversionReport, convert
 from .export import export_task
 from .forgetting import forget_task
-from .mechanism.schedules import ConstantMaskScale, CosineMaskScale, LinearMaskScale, MaskScaleSchedule
+from .mechanism.schedules import (ConstantMaskScale, CosineMaskScale, ExponentialMaskScale, LinearMaskScale,
+                                  MaskScaleSchedule)
 from .network import (
     clamp_embeddings_,
     hat_modules,
@@ -41,7 +42,7 @@ def __getattr__(name: str):
 __all__ = [
     "HATConfig", "HATPayload", "check_network_output", "convert", "export_task", "ConversionReport", "ConversionError",
     "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
-    "ConstantMaskScale", "CosineMaskScale", "LinearMaskScale", "MaskScaleSchedule",
+    "ConstantMaskScale", "CosineMaskScale", "ExponentialMaskScale", "LinearMaskScale", "MaskScaleSchedule",
     "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",
 ]

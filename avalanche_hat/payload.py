@@ -3,6 +3,7 @@ the last HAT layer (applied lazily) and which of its units earlier tasks own."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from contextvars import ContextVar
 from typing import Callable, Iterator
@@ -53,6 +54,27 @@ _COPY_NODES = frozenset({
     "SqueezeBackward2", "ExpandBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0",
     "SplitBackward0", "SplitWithSizesBackward0", "NarrowBackward0",
 })
+
+
+def _hat_kind(module) -> str | None:
+    """How ``forward_by`` runs ``module`` for a task: ``None`` (no HAT layers: on the data),
+    ``"payload"`` (it takes the payload), ``"sequential"`` (each child in turn), ``"keywords"``
+    (``forward(x, task_id=, mask_scale=)``) or ``"unknown"`` (has HAT layers, cannot be told the task)."""
+    if not isinstance(module, nn.Module):
+        return None
+    from .modules.base import HATModule, TaskIndexedModule  # here: modules.base imports this file
+
+    if isinstance(module, (HATModule, TaskIndexedModule)) or getattr(type(module), "takes_hat_payload", False):
+        return "payload"
+    if not any(isinstance(m, (HATModule, TaskIndexedModule)) for m in module.modules()):
+        return None
+    if type(module) is nn.Sequential:
+        return "sequential"
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "unknown"
+    return "keywords" if {"task_id", "mask_scale"} <= set(params) else "unknown"
 
 
 class HATPayload:
@@ -186,11 +208,22 @@ class HATPayload:
         )
 
     def forward_by(self, module: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs) -> "HATPayload":
-        """Run a module that does not take payloads (activation, pooling, dropout, ...) on the data.
+        """Run ``module`` on this payload and return the result as a payload of the same task.
 
-        Through ReLU, pooling and dropout the mask stays pending; through other zero-preserving
-        activations the ownership of the units carries over; anything else drops it.
+        A module without HAT layers (activation, pooling, dropout, ...) runs on the data: through
+        ReLU, pooling and dropout the mask stays pending; through other zero-preserving activations
+        the ownership of the units carries over; anything else drops it.
+
+        A module with HAT layers runs for this payload's task, never as the plain network: a HAT
+        layer, a task-indexed layer or a HAT network (``avalanche_hat.timm_models``) takes the
+        payload itself; an ``nn.Sequential`` runs each of its modules through ``forward_by``; a
+        module whose ``forward`` takes ``task_id`` and ``mask_scale`` gets them with the data. Any
+        other module with HAT layers is refused with a ``TypeError`` (its forward cannot be told the
+        task): call it with the payload, ``module(payload)``.
         """
+        kind = _hat_kind(module)
+        if kind is not None:
+            return self._forward_by_hat(module, kind, args, kwargs)
         if isinstance(module, MASK_COMMUTING) and self._mask is not None and not args and not kwargs:
             out = module(self._data)
             if out.ndim == self._data.ndim and out.shape[self.mask_dim] == self._data.shape[self.mask_dim]:
@@ -203,6 +236,45 @@ class HATPayload:
             and out.shape[self.mask_dim] == self._data.shape[self.mask_dim]
         ):
             return self.derive(out, mask_dim=self.mask_dim, ownership=self.ownership)
+        return self.derive(out)
+
+    def _forward_by_hat(self, module, kind: str, args, kwargs) -> "HATPayload":
+        """``forward_by`` for a module with HAT layers (see there): run it for this payload's task."""
+        name = type(module).__name__
+        if kind == "sequential":
+            if args or kwargs:
+                raise TypeError(f"forward_by({name}) with HAT layers takes no extra arguments")
+            out = self
+            for child in module:
+                out = out.forward_by(child)
+            return out
+        if kind == "payload":
+            out = module(self, *args, **kwargs)
+        elif kind == "keywords":
+            clash = {"task_id", "mask_scale"} & set(kwargs)
+            if clash:
+                raise TypeError(
+                    f"forward_by({name}) passes the payload's task_id and mask_scale itself; "
+                    f"do not pass {sorted(clash)}"
+                )
+            out = module(self.data, *args, task_id=self.task_id, mask_scale=self.mask_scale, **kwargs)
+        else:
+            raise TypeError(
+                f"forward_by({name}): {name} has HAT layers but its forward takes neither a HATPayload "
+                "(as HAT layers and avalanche_hat.timm_models networks do) nor task_id and mask_scale "
+                "keywords, so it cannot be run for this payload's task (it would run as the plain "
+                f"network). Call it with the payload instead, {name.lower()}(payload), or give its "
+                "forward the signature forward(x, task_id=None, mask_scale=None)"
+            )
+        if isinstance(out, HATPayload):
+            if out.task_id != self.task_id or out.mask_scale != self.mask_scale:
+                raise RuntimeError(
+                    f"forward_by({name}) returned a payload of task {out.task_id} (mask_scale "
+                    f"{out.mask_scale}) for an input of task {self.task_id} (mask_scale {self.mask_scale})"
+                )
+            return out
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"forward_by({name}) returned {type(out).__name__}, not a tensor or a HATPayload")
         return self.derive(out)
 
     # ------------------------------------------------------------------------- shape operations

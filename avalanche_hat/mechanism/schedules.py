@@ -45,6 +45,30 @@ class LinearMaskScale(_BoundedSchedule):
         return 1.0 / self.max_scale + (self.max_scale - 1.0 / self.max_scale) * progress
 
 
+class ExponentialMaskScale(_BoundedSchedule):
+    """HAT-CL's exponential schedule: ``s = s_max ** ((p - 1 + r) / r)``, rising geometrically to
+    ``s_max`` at ``p = 1``.
+
+    ``r`` (``ratio_above_one``, HAT-CL's ``ratio_greater_than_one``, default 0.8) is the share of
+    the unit during which ``s > 1``: the scale stays below 1, where the masks train fastest, for the
+    first ``1 - r`` of the unit and starts at ``s_max ** (-(1 - r) / r)`` (HAT-CL 0.1.1,
+    ``hat.utils.get_hat_mask_scale(strat="exponential")``; the paper gives no equation for it).
+    """
+
+    def __init__(self, max_scale: float = 400.0, ratio_above_one: float = 0.8) -> None:
+        super().__init__(max_scale)
+        if not 0.0 < ratio_above_one <= 1.0:
+            raise ValueError(f"ratio_above_one must be in (0, 1], got {ratio_above_one}")
+        self.ratio_above_one = float(ratio_above_one)
+
+    def __call__(self, progress: float) -> float:
+        r = self.ratio_above_one
+        return self.max_scale ** ((progress - 1.0 + r) / r)
+
+    def __repr__(self) -> str:
+        return f"ExponentialMaskScale(max_scale={self.max_scale:g}, ratio_above_one={self.ratio_above_one:g})"
+
+
 class ConstantMaskScale(MaskScaleSchedule):
     """The same scale everywhere."""
 
@@ -60,11 +84,11 @@ class ConstantMaskScale(MaskScaleSchedule):
         return f"ConstantMaskScale(scale={self.scale:g})"
 
 
-SCHEDULES = {"cosine": CosineMaskScale, "linear": LinearMaskScale}
+SCHEDULES = {"cosine": CosineMaskScale, "linear": LinearMaskScale, "exponential": ExponentialMaskScale}
 
 
 def make_schedule(schedule: "str | MaskScaleSchedule", max_scale: float) -> MaskScaleSchedule:
-    """A schedule object from a name (``"cosine"``, ``"linear"``) or the object itself."""
+    """A schedule object from a name (``"cosine"``, ``"linear"``, ``"exponential"``) or the object itself."""
     if isinstance(schedule, MaskScaleSchedule):
         return schedule
     try:

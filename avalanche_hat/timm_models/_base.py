@@ -54,6 +54,7 @@ class HATNetwork(nn.Module):
     num_classes: int
     num_features: int
     classifier_attr: str = "head"
+    takes_hat_payload = True  # HATPayload.forward_by hands it the payload itself
     drop_rate: float = 0.0
 
     # ------------------------------------------------------------------------------ input
