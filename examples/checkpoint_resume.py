@@ -30,7 +30,7 @@ from avalanche_hat import HAT, HATConfig, trained_tasks
 from avalanche_hat.training import maybe_load_checkpoint, save_checkpoint
 
 FAST = os.environ.get("AVALANCHE_HAT_EXAMPLES_FAST") == "1"
-EPOCHS = 3 if FAST else 10
+EPOCHS = 6 if FAST else 20
 NUM_TASKS = 5
 
 
