@@ -1,5 +1,6 @@
-"""Figures README quotes in its prose from the committed reports (benchmarks/results/*.json): they
-must be the reports' own numbers, so that a re-run that changes a report shows up here."""
+"""Figures the prose quotes from the committed reports (benchmarks/results/*.json): they must be the
+reports' own numbers, so that a re-run that changes a report shows up here. The prose is README and
+the pages it moved to: the reports' notes (benchmarks/results/*_notes.md) and the docs site."""
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 @pytest.fixture(scope="module")
 def readme():
-    return " ".join((ROOT / "README.md").read_text().split())  # line breaks as spaces
+    pages = [ROOT / "README.md", *sorted(RESULTS.glob("*_notes.md")), *sorted((ROOT / "docs").rglob("*.md"))]
+    return " ".join(" ".join(p.read_text() for p in pages).split())  # line breaks as spaces
 
 
 def report(name):
