@@ -122,6 +122,11 @@ CASES = {
     "conv2d>groupnorm residual": ((6, 4, 5, 5), lambda: Net(
         lambda m, p: m["n2"](m["n"](m["a"](p)) + m["b"](p)), a=HATConv2d(4, 4, 3, CFG, padding=1),
         n=TaskIndexedGroupNorm(2, 4, CFG), b=HATConv2d(4, 4, 1, CFG), n2=TaskIndexedGroupNorm(2, 4, CFG))),
+    # a plain norm without parameters or running statistics (a plain norm with them is refused below)
+    "linear>plain layernorm without affine": ((6, 5), lambda: Net(
+        seq("a", "n"), a=HATLinear(5, 8, CFG), n=nn.LayerNorm(8, elementwise_affine=False))),
+    "conv2d>relu>plain groupnorm without affine": ((6, 3, 5, 5), lambda: Net(
+        seq("a", "r", "n"), a=HATConv2d(3, 8, 3, CFG, padding=1), r=nn.ReLU(), n=nn.GroupNorm(2, 8, affine=False))),
 }
 
 
@@ -261,3 +266,25 @@ def test_group_norm_copies_are_independent_and_forgettable():
     assert gn.forget(0) == 8
     assert torch.equal(gn.copies[0].weight, torch.ones(4))
     assert "2, 4, num_tasks=2" in repr(gn)
+
+
+# ----------------------------------------------------------------------------------- plain norms
+@pytest.mark.parametrize("norm,shape", [
+    (nn.BatchNorm2d(4), (2, 4, 3, 3)),
+    (nn.BatchNorm1d(4, affine=False), (2, 4)),  # running statistics alone are shared state too
+    (nn.LayerNorm(4), (2, 4)),
+    (nn.GroupNorm(2, 4), (2, 4, 3, 3)),
+    (nn.InstanceNorm2d(4, affine=True), (2, 4, 3, 3)),
+    (nn.RMSNorm(4), (2, 4)),
+], ids=["BatchNorm2d", "BatchNorm1d running stats only", "LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm"])
+def test_a_plain_norm_with_state_in_a_task_forward_is_refused(norm, shape):
+    """Its parameters or running statistics would be shared by every task: refused before it runs
+    (nothing updated), with what to use instead; the plain network (task_id=None) may use it."""
+    x = torch.randn(*shape)
+    before = copy.deepcopy(norm.state_dict())
+    norm.train()
+    with pytest.raises(TypeError, match=rf"plain {type(norm).__name__} in the forward of task 1 .*(task-indexed|TaskIndexed)"):
+        HATPayload(x, task_id=1, mask_scale=4.0).forward_by(norm)
+    assert all(torch.equal(v, norm.state_dict()[k]) for k, v in before.items())
+    assert HATPayload(x).forward_by(norm).shape == x.shape
+
