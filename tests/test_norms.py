@@ -49,6 +49,14 @@ def seq(*names):
     return route
 
 
+def token_linear(i, o):
+    from avalanche_hat.timm_models.vit import HATTokenLinear  # imports timm: only when used
+
+    layer = HATTokenLinear(i, o, CFG)
+    layer.fold_mask = True
+    return layer
+
+
 # name: (input shape, builder); every builder makes a fresh network from CFG.
 CASES = {
     # a norm directly after a HAT layer, reducing over the mask's axis
@@ -122,6 +130,9 @@ CASES = {
     "conv2d>groupnorm residual": ((6, 4, 5, 5), lambda: Net(
         lambda m, p: m["n2"](m["n"](m["a"](p)) + m["b"](p)), a=HATConv2d(4, 4, 3, CFG, padding=1),
         n=TaskIndexedGroupNorm(2, 4, CFG), b=HATConv2d(4, 4, 1, CFG), n2=TaskIndexedGroupNorm(2, 4, CFG))),
+    # a HAT layer that applied its mask itself (folded into its weight): the norm gets exact zeros
+    "token linear (mask folded)>layernorm": ((6, 4, 5), lambda: Net(
+        seq("a", "n"), a=token_linear(5, 8), n=TaskIndexedLayerNorm(8, CFG))),
     # a plain norm without parameters or running statistics (a plain norm with them is refused below)
     "linear>plain layernorm without affine": ((6, 5), lambda: Net(
         seq("a", "n"), a=HATLinear(5, 8, CFG), n=nn.LayerNorm(8, elementwise_affine=False))),
