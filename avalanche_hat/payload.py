@@ -36,6 +36,32 @@ MASK_COMMUTING = (
 )
 
 
+# Plain normalisation layers: run on a task's payload, whatever state they hold (affine parameters,
+# running statistics) is shared by every task, so training a later task would change it under the
+# earlier ones. ``forward_by`` refuses those that hold such state (see ``_shared_norm_state``).
+PLAIN_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _shared_norm_state(module) -> list[str]:
+    """Names of the trainable parameters and running statistics of a plain norm (empty otherwise)."""
+    if not isinstance(module, PLAIN_NORMS):
+        return []
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    if getattr(module, "track_running_stats", False):
+        names += [n for n, b in module.named_buffers() if b is not None]
+    return names
+
+
+def _task_indexed_hint(module) -> str:
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return (f"Use avalanche_hat.modules.TaskIndexedGroupNorm({module.num_features}, {module.num_features}, "
+                "hat_config) instead (one group per channel is an instance norm; one copy per task)")
+    if isinstance(module, nn.RMSNorm):
+        return "avalanche_hat has no task-indexed RMSNorm: use TaskIndexedLayerNorm (one copy per task) instead"
+    return ("Replace it with its task-indexed counterpart (one copy per task): "
+            "avalanche_hat.modules.from_base_module(norm, hat_config)")
+
+
 def _along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     """View a per-unit vector so that it broadcasts along axis ``dim`` of an ``ndim``-d tensor."""
     shape = [1] * ndim
@@ -220,10 +246,25 @@ class HATPayload:
         module whose ``forward`` takes ``task_id`` and ``mask_scale`` gets them with the data. Any
         other module with HAT layers is refused with a ``TypeError`` (its forward cannot be told the
         task): call it with the payload, ``module(payload)``.
+
+        A plain norm that holds trainable parameters or running statistics is refused for a task's
+        payload (every task would share that state, and later tasks would train it): use its
+        task-indexed counterpart (``avalanche_hat.modules.from_base_module``). A norm without state
+        (``elementwise_affine=False``, ``affine=False``) is fine: it gets the masked data, whose
+        switched-off units are exact zeros.
         """
         kind = _hat_kind(module)
         if kind is not None:
             return self._forward_by_hat(module, kind, args, kwargs)
+        if self.task_id is not None:
+            state = _shared_norm_state(module)
+            if state:
+                raise TypeError(
+                    f"a plain {type(module).__name__} in the forward of task {self.task_id} would be shared by "
+                    f"every task: its {', '.join(state)} would be trained by later tasks and change the outputs "
+                    f"of trained ones. {_task_indexed_hint(module)}, and call it as norm(payload); or use a norm "
+                    f"without trainable parameters or running statistics"
+                )
         if isinstance(module, MASK_COMMUTING) and self._mask is not None and not args and not kwargs:
             out = module(self._data)
             if out.ndim == self._data.ndim and out.shape[self.mask_dim] == self._data.shape[self.mask_dim]:

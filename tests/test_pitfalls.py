@@ -194,11 +194,11 @@ def test_batch_norm_folds_the_mask_into_its_affine_parameters_exactly_as_applied
     assert torch.equal(bn.copies[0].running_mean, torch.zeros(4))  # other copies untouched
 
 
-def test_layer_norm_normalises_before_the_mask():
+def test_layer_norm_normalises_the_masked_output_and_masks_it_again():
     lin = HATLinear(6, 8, CFG)
     ln = TaskIndexedLayerNorm(8, CFG)
     p = lin(HATPayload(torch.randn(2, 3, 6), task_id=0, mask_scale=3.0))
-    expected = ln.copies[0](p.unmasked_data) * p.pending_mask
+    expected = ln.copies[0](p.data) * p.pending_mask  # statistics over the task's units only (tests/test_norms.py)
     torch.testing.assert_close(ln(p).data, expected)
 
 

@@ -6,6 +6,7 @@ from .norm import (
     TaskIndexedBatchNorm1d,
     TaskIndexedBatchNorm2d,
     TaskIndexedBatchNorm3d,
+    TaskIndexedGroupNorm,
     TaskIndexedLayerNorm,
     TaskIndexedLinear,
     TaskIndexedParameter,
@@ -14,6 +15,7 @@ from .conversion import BASE_TO_HAT, from_base_module, load_plain_state_dict
 
 __all__ = [
     "HATModule", "TaskIndexedModule", "HATLinear", "HATConv1d", "HATConv2d", "HATConv3d",
-    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedLayerNorm",
+    "TaskIndexedBatchNorm1d", "TaskIndexedBatchNorm2d", "TaskIndexedBatchNorm3d", "TaskIndexedGroupNorm",
+    "TaskIndexedLayerNorm",
     "TaskIndexedLinear", "TaskIndexedParameter", "BASE_TO_HAT", "from_base_module", "load_plain_state_dict",
 ]

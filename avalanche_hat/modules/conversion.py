@@ -12,6 +12,7 @@ from .norm import (
     TaskIndexedBatchNorm1d,
     TaskIndexedBatchNorm2d,
     TaskIndexedBatchNorm3d,
+    TaskIndexedGroupNorm,
     TaskIndexedLayerNorm,
     TaskIndexedLinear,
     TaskIndexedParameter,
@@ -26,6 +27,7 @@ BASE_TO_HAT = {
     nn.BatchNorm2d: TaskIndexedBatchNorm2d,
     nn.BatchNorm3d: TaskIndexedBatchNorm3d,
     nn.LayerNorm: TaskIndexedLayerNorm,
+    nn.GroupNorm: TaskIndexedGroupNorm,
 }
 
 

@@ -1,8 +1,24 @@
 """Task-indexed normalisation: one full copy of the norm per task (and one for ``task_id=None``).
 
-They normalise the *unmasked* output of the HAT layer before them and apply its mask afterwards,
-folded into their affine parameters (``(x - mu) / sigma * (gamma m) + beta m``): otherwise masked
-units would come out as ``beta`` instead of 0, and the mask would cost a pass over the activations.
+Where the mask of the HAT layer before them goes (``m``: the pending mask of Eq. 1, ``h``: the
+layer's unmasked output, ``gamma``/``beta``: the copy's affine parameters):
+
+* The norm's statistics reduce over the mask's unit axis (a LayerNorm over the features of a
+  ``HATLinear`` or over (C, H, W) of a ``HATConv2d``, a GroupNorm over a group of channels, a
+  BatchNorm1d over the positions a ``HATLinear`` masks): it normalises the masked output ``m h``,
+  so the units the task does not use enter the mean and the variance as exact zeros, which no later
+  task can change (their ``h`` can). That is what ``norm(m * h)`` computes, so a task exported as a
+  plain network (mask folded into the weights) gives the same numbers. Where the affine parameters
+  lie along the mask's axis, the mask is folded into them again (``norm(m h) (gamma m) + beta m``),
+  so switched-off units stay exactly 0 and their ownership carries on to the next HAT layer;
+  otherwise the mask stays pending and is applied later.
+* The statistics are per unit along the mask's axis (BatchNorm over the channels a HAT convolution
+  masks, a LayerNorm over (H, W)): each unit's statistics come from that unit alone, and the mask
+  scales them away, so the norm normalises ``h`` unmasked (one pass fewer) and folds the mask into
+  its affine parameters (``(h - mu) / sigma (gamma m) + beta m``) or keeps it pending.
+* No pending mask (after GELU, a residual add, a position embedding, or on the network's input):
+  every unit is either an exact zero for the task or computed from what the task owns, and the
+  norm runs as it is.
 """
 from __future__ import annotations
 
@@ -38,30 +54,47 @@ def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, weight, bi
 
 
 class _TaskIndexedNorm(TaskIndexedModule):
+    """The forward shared by the task-indexed norms; subclasses say which axes their statistics
+    reduce over and along which axes their affine parameters lie (see the module docstring)."""
+
     _base: type
-    channel_axis: int  # axis a pending mask must lie on to be folded into the affine parameters
 
     def _norm(self, norm: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        """``norm(x)`` with ``weight`` and ``bias`` in place of the copy's affine parameters."""
         raise NotImplementedError
 
-    def _foldable(self, norm: nn.Module) -> bool:
-        return True
+    def _reduced_axes(self, norm: nn.Module, ndim: int) -> range | tuple:
+        """Axes of an ``ndim``-d input that the statistics of one normalised value reduce over."""
+        raise NotImplementedError
+
+    def _affine_axes(self, norm: nn.Module, ndim: int) -> range | tuple:
+        """Axes of an ``ndim``-d input along which the affine parameters lie (in their order)."""
+        raise NotImplementedError
+
+    def _affine_shape(self, norm: nn.Module) -> tuple:
+        raise NotImplementedError
 
     def forward(self, payload: HATPayload) -> HATPayload:
         payload = as_payload(self, payload)
         norm = self.copy_for(payload.task_id)
-        x, mask = payload.unmasked_data, payload.pending_mask
-        axis = self.channel_axis % x.ndim if x.ndim > 1 else 0
+        mask = payload.pending_mask
         if mask is None:
-            # Without a pending mask a norm makes zero units non-zero (beta): ownership is lost.
-            return payload.derive(norm(x))
-        if payload.mask_dim == axis and self._foldable(norm):
-            m = mask.to(x.dtype)
-            weight = norm.weight * m if norm.weight is not None else m
-            bias = norm.bias * m if norm.bias is not None else None
-            return payload.derive(self._norm(norm, x, weight, bias), mask_dim=axis, ownership=payload.ownership)
-        # The mask lies on another axis: normalise, keep the mask pending.
-        return payload.derive(norm(x), mask=mask, mask_dim=payload.mask_dim, ownership=payload.ownership)
+            # Every unit is an exact zero for this task or computed from what it owns.
+            return payload.derive(norm(payload.unmasked_data))
+        x, axis = payload.unmasked_data, payload.mask_dim
+        if axis in self._reduced_axes(norm, x.ndim):
+            # Statistics across units: the units the task does not use must enter them as exact
+            # zeros, not as the values later tasks train.
+            x = payload.data
+        affine = tuple(self._affine_axes(norm, x.ndim))
+        if axis not in affine:  # the affine parameters cannot carry the mask: it stays pending
+            return payload.derive(norm(x), mask=mask, mask_dim=axis, ownership=payload.ownership)
+        shape = [1] * len(affine)
+        shape[affine.index(axis)] = -1
+        m = mask.to(x.dtype).view(shape)
+        weight = norm.weight * m if norm.weight is not None else m.expand(self._affine_shape(norm)).contiguous()
+        bias = norm.bias * m if norm.bias is not None else None
+        return payload.derive(self._norm(norm, x, weight, bias), mask_dim=axis, ownership=payload.ownership)
 
     @classmethod
     def from_base_module(cls, module: nn.Module, hat_config: HATConfig):
@@ -76,14 +109,16 @@ class _TaskIndexedNorm(TaskIndexedModule):
         return {f"copies.{i}.{k}": v for i in range(len(self.copies)) for k, v in plain.items()}
 
 
-class _TaskIndexedBatchNorm(_TaskIndexedNorm):
-    channel_axis = 1
+def _check_config(module: nn.Module, hat_config) -> None:
+    if not isinstance(hat_config, HATConfig):
+        raise TypeError(f"{type(module).__name__} needs a HATConfig, got {type(hat_config).__name__}")
 
+
+class _TaskIndexedBatchNorm(_TaskIndexedNorm):
     def __init__(self, num_features: int, hat_config: HATConfig, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
         super().__init__()
-        if not isinstance(hat_config, HATConfig):
-            raise TypeError(f"{type(self).__name__} needs a HATConfig, got {type(hat_config).__name__}")
+        _check_config(self, hat_config)
         self.hat_config = hat_config
         self.num_features = num_features
         self.copies = nn.ModuleList(
@@ -99,6 +134,15 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
                    device=m.weight.device if m.weight is not None else None,
                    dtype=m.weight.dtype if m.weight is not None else None)
 
+    def _reduced_axes(self, norm, ndim):
+        return tuple(a for a in range(ndim) if a != 1)  # the batch and every position, per channel
+
+    def _affine_axes(self, norm, ndim):
+        return (1,)
+
+    def _affine_shape(self, norm):
+        return (norm.num_features,)
+
     def _norm(self, norm, x, weight, bias):
         return _batch_norm(norm, x, weight, bias)
 
@@ -107,12 +151,17 @@ class _TaskIndexedBatchNorm(_TaskIndexedNorm):
 
 
 class TaskIndexedBatchNorm1d(_TaskIndexedBatchNorm):
-    """``nn.BatchNorm1d`` with one copy per task (and one for ``task_id=None``)."""
+    """``nn.BatchNorm1d`` with one copy per task (and one for ``task_id=None``).
+
+    On ``(N, C)`` or ``(N, C, L)`` with the mask on ``C`` (a HAT layer's units) the statistics are
+    per unit and the mask folds into the affine parameters; with the mask on ``L`` (a ``HATLinear``
+    applied to ``(N, C, L)``) the statistics over ``L`` take the masked output."""
     _base = nn.BatchNorm1d
 
 
 class TaskIndexedBatchNorm2d(_TaskIndexedBatchNorm):
-    """``nn.BatchNorm2d`` with one copy per task (and one for ``task_id=None``)."""
+    """``nn.BatchNorm2d`` with one copy per task (and one for ``task_id=None``); after a
+    ``HATConv2d`` its statistics are per channel and the mask folds into its affine parameters."""
     _base = nn.BatchNorm2d
 
 
@@ -122,16 +171,19 @@ class TaskIndexedBatchNorm3d(_TaskIndexedBatchNorm):
 
 
 class TaskIndexedLayerNorm(_TaskIndexedNorm):
-    """``nn.LayerNorm`` with one copy per task (and one for ``task_id=None``)."""
+    """``nn.LayerNorm`` with one copy per task (and one for ``task_id=None``).
+
+    When the normalised shape includes the mask's axis (the features of a ``HATLinear``, (C, H, W)
+    of a ``HATConv2d``), the statistics take the masked output, whose switched-off units are exact
+    zeros, and the mask folds into the affine parameters after it; otherwise (a LayerNorm over
+    (H, W) after a convolution) the statistics are per unit and the mask stays pending."""
 
     _base = nn.LayerNorm
-    channel_axis = -1
 
     def __init__(self, normalized_shape, hat_config: HATConfig, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        if not isinstance(hat_config, HATConfig):
-            raise TypeError(f"{type(self).__name__} needs a HATConfig, got {type(hat_config).__name__}")
+        _check_config(self, hat_config)
         self.hat_config = hat_config
         self.copies = nn.ModuleList(
             nn.LayerNorm(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
@@ -147,14 +199,61 @@ class TaskIndexedLayerNorm(_TaskIndexedNorm):
                    device=m.weight.device if m.weight is not None else None,
                    dtype=m.weight.dtype if m.weight is not None else None)
 
-    def _foldable(self, norm) -> bool:
-        return len(norm.normalized_shape) == 1
+    def _reduced_axes(self, norm, ndim):
+        return range(ndim - len(norm.normalized_shape), ndim)
+
+    _affine_axes = _reduced_axes
+
+    def _affine_shape(self, norm):
+        return tuple(norm.normalized_shape)
 
     def _norm(self, norm, x, weight, bias):
         return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.normalized_shape)}, num_tasks={self.hat_config.num_tasks}"
+
+
+class TaskIndexedGroupNorm(_TaskIndexedNorm):
+    """``nn.GroupNorm`` with one copy per task (and one for ``task_id=None``).
+
+    Its statistics reduce over a group of channels and every position, so they take the masked
+    output (switched-off channels and positions are exact zeros); with the mask on the channels (a
+    HAT convolution before it) the mask folds into the per-channel affine parameters after it."""
+
+    _base = nn.GroupNorm
+
+    def __init__(self, num_groups: int, num_channels: int, hat_config: HATConfig, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        _check_config(self, hat_config)
+        self.hat_config = hat_config
+        self.num_groups, self.num_channels = num_groups, num_channels
+        self.copies = nn.ModuleList(
+            nn.GroupNorm(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+            for _ in range(hat_config.num_tasks + 1)
+        )
+
+    @classmethod
+    def _like(cls, m, hat_config):
+        return cls(m.num_groups, m.num_channels, hat_config, eps=m.eps, affine=m.affine,
+                   device=m.weight.device if m.weight is not None else None,
+                   dtype=m.weight.dtype if m.weight is not None else None)
+
+    def _reduced_axes(self, norm, ndim):
+        return range(1, ndim)
+
+    def _affine_axes(self, norm, ndim):
+        return (1,)
+
+    def _affine_shape(self, norm):
+        return (norm.num_channels,)
+
+    def _norm(self, norm, x, weight, bias):
+        return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, num_tasks={self.hat_config.num_tasks}"
 
 
 class TaskIndexedParameter(TaskIndexedModule):
