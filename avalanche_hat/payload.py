@@ -43,8 +43,11 @@ PLAIN_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RM
 
 
 def _shared_norm_state(module) -> list[str]:
-    """Names of the trainable parameters and running statistics of a plain norm (empty otherwise)."""
-    if not isinstance(module, PLAIN_NORMS):
+    """Names of the trainable parameters and running statistics of a plain norm (empty otherwise).
+
+    Empty too for a plain norm the HATPlugin freezes after the first task (``plain_parameters="freeze"``
+    tags it ``hat_frozen_after_first_task``): it is shared by choice and kept fixed by the plugin."""
+    if not isinstance(module, PLAIN_NORMS) or getattr(module, "hat_frozen_after_first_task", False):
         return []
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     if getattr(module, "track_running_stats", False):

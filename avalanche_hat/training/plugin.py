@@ -309,9 +309,13 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         """``plain_parameters="freeze"``: once a task is learned, the plain parameters get no optimizer
         step (their gradients are dropped in ``before_update``) and plain norms run in eval mode."""
         self._frozen_parameters, self._frozen_norms = [], []
-        if self.plain_parameters != "freeze" or not trained_tasks(model):
+        if self.plain_parameters != "freeze":
             return
         named_parameters, named_modules = dict(model.named_parameters()), dict(model.named_modules())
+        for n in norms:  # the user chose to share them: HATPayload.forward_by no longer refuses them
+            named_modules[n].hat_frozen_after_first_task = True
+        if not trained_tasks(model):
+            return
         self._frozen_parameters = [named_parameters[n] for n in parameters]
         self._frozen_norms = [named_modules[n] for n in norms]
         for p in self._frozen_parameters:
