@@ -1,5 +1,6 @@
-"""README's core example (examples/core_api.py): it learns, and its guarantee is not trivial; a HAT
-layer as a network's output layer, which cannot learn, is refused with what to do."""
+"""The core example (examples/core_api.py, shown in docs/getting-started.md): it learns, and its
+guarantee is not trivial; a HAT layer as a network's output layer, which cannot learn, is refused
+with what to do."""
 import importlib.util
 import re
 from pathlib import Path
@@ -27,14 +28,15 @@ def test_the_core_example_learns_both_tasks_and_keeps_task_0_bit_identical(one_t
     assert unchanged
 
 
-def test_readme_shows_the_example_code_as_it_runs():
-    """README's core section is the example's network and loop, word for word (no drift)."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## The HAT core, without Avalanche or timm", 1)[1].split("\n## ", 1)[0]
+def test_getting_started_shows_the_example_code_as_it_runs():
+    """The docs' core section (getting started) is the example's network and loop, word for word
+    (no drift)."""
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    section = page.split("## The HAT core, without Avalanche or timm", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     source = (ROOT / "examples" / "core_api.py").read_text()
     core = source.split("# --8<-- [start:core]\n", 1)[1].split("# --8<-- [end:core]", 1)[0]
-    assert core.strip() in block, "README's core example differs from examples/core_api.py"
+    assert core.strip() in block, "docs/getting-started.md's core example differs from examples/core_api.py"
     assert "model = Net(" in block and "train_task(model" in block  # and says what `model` is
 
 
