@@ -2,10 +2,10 @@
 
 The code of the docs' section "The HAT core, without Avalanche or timm" (docs/getting-started.md),
 runnable: a small convolutional HAT network (``HATConv2d`` + ``TaskIndexedBatchNorm2d`` +
-``HATLinear``, then one 2-way head per task, ``TaskIndexedLinear``) learns two tasks of scikit-
-learn's digits (0 vs 1, then 2 vs 3) in a plain PyTorch loop: HAT-CL's cosine mask-scale schedule,
-the masks of the forward recorded for the usage penalty, ``mark_task_trained`` after each task. The
-script checks, and prints, that
+``HATLinear``, then one 2-way head per task, ``TaskIndexedLinear``) learns two tasks of
+scikit-learn's digits (0 vs 1, then 2 vs 3) in a plain PyTorch loop: HAT-CL's cosine mask-scale
+schedule, the masks of the forward recorded for the usage penalty, ``mark_task_trained`` after each
+task. The script checks, and prints, that
 
 - both tasks are learned (test accuracy well above the 50% of chance),
 - task 0's outputs after learning task 1 are bit-identical (``torch.equal``) to those before.
