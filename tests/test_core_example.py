@@ -40,6 +40,36 @@ def test_getting_started_shows_the_example_code_as_it_runs():
     assert "model = Net(" in block and "train_task(model" in block  # and says what `model` is
 
 
+def test_readme_core_snippet_runs_and_keeps_task_0_bit_identical(monkeypatch, one_thread):
+    """README's short core snippet runs as printed, marks both tasks trained, and task 0's outputs
+    after task 1 are those it had when it was marked (recorded by wrapping mark_task_trained)."""
+    import avalanche_hat
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The core API, without Avalanche", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    probe, seen = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)), {}
+    marked = avalanche_hat.mark_task_trained
+
+    def recording(model, t):
+        marked(model, t)
+        model.eval()
+        with torch.no_grad():
+            seen[t] = model(probe, task_id=t)
+        model.train()
+
+    monkeypatch.setattr(avalanche_hat, "mark_task_trained", recording)
+    torch.manual_seed(0)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert avalanche_hat.trained_tasks(model) == [0, 1] and set(seen) == {0, 1}
+    with torch.no_grad():
+        assert torch.equal(model(probe, task_id=0), seen[0]), "task 0 changed when task 1 was learned"
+        assert not torch.equal(seen[0], seen[1])  # two tasks, two networks
+    assert namespace["logits"].shape == (320, 2)
+
+
 class HATOutputNet(nn.Module):
     """The old README example's shape: a HAT layer as the classifier (its 2 units get masked off)."""
 
