@@ -115,3 +115,27 @@ def test_readme_links_into_the_docs_resolve():
     assert any(t.startswith("docs/") for t in targets), "README links into docs/"
     broken = [t for t in targets if not (ROOT / t).exists()]
     assert not broken, f"README links to missing files: {broken}"
+
+
+def _two_commands(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    section = text.split("## The two commands\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_the_two_commands_are_the_same_in_readme_and_the_docs_and_ci_runs_the_test_command():
+    """README's two commands (main job, tests) are copied on the getting-started page, and .ci/run
+    runs the test command's install and pytest steps: none of the three may drift."""
+    readme = _two_commands(ROOT / "README.md")
+    assert len(readme) == 2, "README's section 'The two commands' holds the main job and the test command"
+    assert _two_commands(ROOT / "docs" / "getting-started.md") == readme
+    main_job, tests = readme
+    assert main_job.rstrip().endswith("avalanche-hat-bench")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    steps = [step.strip() for step in tests.split("&&")]
+    assert steps[-1] == "python -m pytest -q"
+    for step in steps:
+        if step.startswith("pip install"):
+            assert re.search(rf"^{re.escape('pip install')}( -q)? {re.escape(step[len('pip install '):])}$", ci, re.M), step
+        else:
+            assert re.search(rf"^{re.escape(step)}$", ci, re.M), f".ci/run does not run {step!r}"
