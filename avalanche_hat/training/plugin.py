@@ -137,8 +137,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
       samples of a task other than the experience's;
     - refuses trainable parts HAT cannot protect (plain parameters and norms outside HAT layers and
       task-indexed modules), or freezes them after the first task (``plain_parameters="freeze"``);
-    - sets the model's ``mask_scale`` every iteration from a schedule (HAT-CL's cosine by default,
-      the original linear one with ``schedule="linear"``), over a unit of training that is an epoch
+    - sets the model's ``mask_scale`` every iteration from a schedule (the cosine one the HAT-CL
+      paper proposes, Eq. 6, by default; the original linear one, also HAT-CL 0.1.1's default,
+      with ``schedule="linear"``), over a unit of training that is an epoch
       by default; evaluation uses binary masks;
     - adds ``reg_coef * hat_regularization(...)`` to the loss (``before_backward``);
     - marks the task trained at the end of the experience (``mark_task_trained``), which protects
