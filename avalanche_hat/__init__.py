@@ -8,7 +8,7 @@ from .capacity import CapacityReport, LayerCapacity, capacity_report
 from .config import HATConfig
 from .converter import ConversionError, ConversionReport, convert
 from .export import export_task
-from .forgetting import forget_task
+from .forgetting import ForgetResult, LayerForgetting, forget_task
 from .mechanism.schedules import (ConstantMaskScale, CosineMaskScale, ExponentialMaskScale, LinearMaskScale,
                                   MaskScaleSchedule)
 from .network import (
@@ -41,7 +41,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "HATConfig", "HATPayload", "check_network_output", "convert", "export_task", "ConversionReport", "ConversionError",
-    "forget_task", "capacity_report", "CapacityReport", "LayerCapacity",
+    "forget_task", "ForgetResult", "LayerForgetting", "capacity_report", "CapacityReport", "LayerCapacity",
     "ConstantMaskScale", "CosineMaskScale", "ExponentialMaskScale", "LinearMaskScale", "MaskScaleSchedule",
     "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",

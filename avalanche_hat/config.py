@@ -15,9 +15,12 @@ class HATConfig:
     Args:
         num_tasks: how many tasks the network can learn (task ids ``0 .. num_tasks - 1``).
         max_mask_scale: ``s_max``, the scale at which masks count as binary (original HAT: 400).
-        mask_init: initial mask embeddings. ``"dense"`` (HAT-CL, every embedding 1: every unit on),
-            ``"normal"`` (original HAT, N(0, 1)) or ``"sparse"`` (every embedding -1: every unit off
-            until the loss switches it on).
+        mask_init: initial mask embeddings (of every task, and of a task forgotten with
+            ``forget_task``). ``"dense"`` (this package's default: every embedding 1, every unit on;
+            the initialisation the HAT-CL paper proposes, Sec. 4.1), ``"normal"`` (N(0, 1): the
+            original HAT code's, and HAT-CL 0.1.1's default, ``DEF_HAT_INIT_STRAT`` in
+            ``hat/constants.py``) or ``"sparse"`` (every embedding -1: every unit off until the loss
+            switches it on; HAT-CL's ``"sparse"`` is another thing, a normal with a negative mean).
         embedding_clamp: embeddings are kept in ``[-c, c]`` (original HAT: 6).
         gradient_compensation: rescale embedding gradients so that masks train at every scale
             (original HAT Eq. 3, computed in closed form).

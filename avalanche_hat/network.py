@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .mechanism.regularization import global_usage_penalty, layerwise_usage_penalty
+from .mechanism.regularization import global_usage_penalty, hatcl_usage_penalty, layerwise_usage_penalty
 from .modules.base import MASK_RECORD, HATModule
 
 
@@ -63,8 +63,11 @@ def hat_regularization(
 
     ``kind="layerwise"``: HAT-CL Eq. 5, per layer, over the units no other trained task owns, minus
     a quota (default ``1 / num_tasks``), clipped at 0, summed over layers. ``kind="global"``: the
-    original HAT ratio over all layers together (no quota). Multiply by a coefficient yourself
-    (the HATPlugin does).
+    original HAT ratio over all layers together (no quota). ``kind="hatcl"``: exactly HAT-CL 0.1.1's
+    ``get_hat_reg_term`` (the mean over layers, with a quota of ``N_l / num_tasks`` units;
+    ``quota`` does not apply), so that a ported loop keeps HAT-CL's coefficient; see
+    :func:`~avalanche_hat.mechanism.hatcl_usage_penalty`. Multiply by a coefficient yourself (the
+    HATPlugin does).
 
     ``recorded``: what :func:`recorded_masks` collected during this step's forward; the layers found
     there reuse its masks and ownership instead of computing them again (same value, same gradient).
@@ -83,7 +86,10 @@ def hat_regularization(
         return layerwise_usage_penalty(pairs, quota)
     if kind == "global":
         return global_usage_penalty(pairs)
-    raise ValueError(f"unknown regularisation kind {kind!r}: use 'layerwise' (HAT-CL) or 'global' (original HAT)")
+    if kind == "hatcl":
+        return hatcl_usage_penalty(pairs, layers[0].hat_config.num_tasks)
+    raise ValueError(f"unknown regularisation kind {kind!r}: use 'layerwise' (HAT-CL Eq. 5 with a quota), "
+                     "'global' (original HAT) or 'hatcl' (HAT-CL 0.1.1's get_hat_reg_term)")
 
 
 @contextlib.contextmanager

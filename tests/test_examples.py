@@ -70,7 +70,7 @@ def started(request):
 def test_there_are_examples():
     names = {s.name for s in EXAMPLES}
     assert {"avalanche_split_fmnist.py", "selective_forgetting.py", "class_incremental.py",
-            "checkpoint_resume.py", "torchrun_cpu.py"} <= names, names
+            "checkpoint_resume.py", "torchrun_cpu.py", "hatcl_port.py"} <= names, names
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[s.stem for s in EXAMPLES])

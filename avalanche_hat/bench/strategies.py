@@ -284,7 +284,7 @@ def hat(settings, hp, plugins, evaluator) -> Built:
     cfg = HATConfig(num_tasks=settings.num_tasks, max_mask_scale=hp.hat_max_mask_scale)
     backbone = build_trunk(settings.network, in_chans=settings.in_chans, img_size=settings.img_size,
                            width=settings.width, hat_config=cfg)
-    config = {"description": "avalanche_hat.HAT (HAT-CL: dense init, cosine mask scale, layerwise usage penalty)",
+    config = {"description": "avalanche_hat.HAT (the HAT-CL paper's dense init and cosine mask scale, layerwise usage penalty)",
               "hat_reg_coef": hp.hat_reg_coef, "hat_quota": hp.hat_quota, "hat_max_mask_scale": hp.hat_max_mask_scale,
               "hat_schedule": hp.hat_schedule, "hat_scale_unit": hp.hat_scale_unit}
     if settings.class_incremental:

@@ -188,23 +188,36 @@ class HATModule(nn.Module):
         self._last_training_task = task_id
 
     # ------------------------------------------------------------------------ forgetting
-    @torch.no_grad()
-    def forget(self, task_id: int) -> int:
-        """Re-initialise the units only ``task_id`` owns and switch its mask off; return the count of
-        re-initialised parameters. Units other trained tasks use are not touched."""
+    def forgettable_units(self, task_id: int) -> torch.Tensor:
+        """Indices of the units only ``task_id`` uses among the trained tasks: what :meth:`forget`
+        re-initialises (every other trained task has them switched off)."""
         self.hat_config.check_task_id(task_id)
         exclusive = (self.binary_mask(task_id) > 0) & ~(self.ownership(task_id) > 0)
-        rows = exclusive.nonzero().flatten()
-        fresh = self._fresh_parameters()
+        return exclusive.nonzero().flatten()
+
+    @torch.no_grad()
+    def forget(self, task_id: int, dry_run: bool = False) -> int:
+        """Re-initialise the units only ``task_id`` owns, give it the embeddings a fresh task gets
+        (``HATConfig.mask_init``) and unmark it, so that it can be learned again; return the count of
+        re-initialised weight and bias entries. Units other trained tasks use are not touched.
+        ``dry_run``: only count, change nothing (no random number is drawn either)."""
+        rows = self.forgettable_units(task_id)
         count = 0
+        for name in ("weight", "bias"):
+            param = getattr(self, name, None)
+            if param is not None:
+                count += int(rows.numel() * (param[0].numel() if param.ndim > 1 else 1))
+        if dry_run:
+            return count
+        fresh = self._fresh_parameters()
         for name, value in fresh.items():
             param = getattr(self, name)
-            if param is None:
-                continue
-            param.data[rows] = value[rows].to(param.dtype)
-            count += int(rows.numel() * (param[0].numel() if param.ndim > 1 else 1))
-        self.mask_embedding.data[task_id] = -self.hat_config.embedding_clamp
+            if param is not None:
+                param.data[rows] = value[rows].to(param.dtype)
+        self.hat_config.init_embedding_(self.mask_embedding.data[task_id])
         self.hat_trained[task_id] = False
+        if self._last_training_task == task_id:
+            self._last_training_task = None  # nothing of it is left to protect or to warn about
         return count
 
     def _fresh_parameters(self) -> dict:
@@ -233,9 +246,12 @@ class TaskIndexedModule(nn.Module):
         return self.copies[self.copy_index(task_id)]
 
     @torch.no_grad()
-    def forget(self, task_id: int) -> int:
-        """Reset the copy of ``task_id``; return how many parameters were re-initialised."""
+    def forget(self, task_id: int, dry_run: bool = False) -> int:
+        """Reset the copy of ``task_id`` (parameters and running statistics, as a fresh copy); return
+        how many parameters were re-initialised. ``dry_run``: only count, change nothing."""
         copy = self.copy_for(task_id)
+        if dry_run:
+            return sum(p.numel() for p in copy.parameters())
         for m in copy.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()

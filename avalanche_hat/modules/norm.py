@@ -282,9 +282,10 @@ class TaskIndexedParameter(TaskIndexedModule):
         return self.copies[self.copy_index(task_id)]
 
     @torch.no_grad()
-    def forget(self, task_id: int) -> int:
+    def forget(self, task_id: int, dry_run: bool = False) -> int:
         p = self.copies[self.copy_index(task_id)]
-        self._reset(p)
+        if not dry_run:
+            self._reset(p)
         return p.numel()
 
     def expand_plain_state(self, plain: torch.Tensor) -> dict:

@@ -278,6 +278,22 @@ class HATClassIncrementalModel(MultiTaskModule):
         row[: len(classes)] = torch.tensor(classes)
         self.task_classes[task] = row.to(self.task_classes.device)
 
+    @torch.no_grad()
+    def forget_task_state(self, task: int) -> None:
+        """Drop what the model records about ``task`` (its classes, score calibration and feature
+        statistics), as :func:`avalanche_hat.forget_task` does for its layers: the task id can then
+        be learned again, with other classes if need be."""
+        task = self.check_task_label(task)
+        self.task_classes[task] = -1
+        self.score_mean[task] = 0.0
+        self.score_std[task] = 1.0
+        self.task_calibrated[task] = False
+        if self.feature_statistics:
+            self.feature_mean[task] = 0.0
+            self.feature_precision[task] = 0.0
+            self.feature_active[task] = False
+            self.feature_ridge[task] = 1.0
+
     def inference_tasks(self) -> list[int]:
         """The tasks evaluation chooses from: trained tasks with classes, and the task in training."""
         trained = set(trained_tasks(self))

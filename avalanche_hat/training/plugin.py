@@ -23,7 +23,7 @@ from .model import HATMultiTaskModel, network_hat_config, plain_trainable_parts
 #: Coefficient of the mask-usage penalty: ``c = 0.75`` of the original HAT paper.
 DEFAULT_REG_COEF = 0.75
 SCALE_UNITS = ("epoch", "experience")
-REGULARIZATIONS = ("layerwise", "global")
+REGULARIZATIONS = ("layerwise", "global", "hatcl")
 PLAIN_PARAMETERS = ("refuse", "freeze")
 
 _REPLAY = "trains on stored samples of earlier experiences (replay)"
@@ -137,8 +137,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
       samples of a task other than the experience's;
     - refuses trainable parts HAT cannot protect (plain parameters and norms outside HAT layers and
       task-indexed modules), or freezes them after the first task (``plain_parameters="freeze"``);
-    - sets the model's ``mask_scale`` every iteration from a schedule (HAT-CL's cosine by default,
-      the original linear one with ``schedule="linear"``), over a unit of training that is an epoch
+    - sets the model's ``mask_scale`` every iteration from a schedule (the cosine one the HAT-CL
+      paper proposes, Eq. 6, by default; the original linear one, also HAT-CL 0.1.1's default,
+      with ``schedule="linear"``), over a unit of training that is an epoch
       by default; evaluation uses binary masks;
     - adds ``reg_coef * hat_regularization(...)`` to the loss (``before_backward``);
     - marks the task trained at the end of the experience (``mark_task_trained``), which protects
@@ -153,8 +154,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
 
     Args:
         reg_coef: coefficient of the mask-usage penalty (original HAT: 0.75).
-        regularization: ``"layerwise"`` (HAT-CL Eq. 5, per layer with a quota) or ``"global"``
-            (the original ratio over all layers).
+        regularization: ``"layerwise"`` (HAT-CL Eq. 5, per layer with a quota), ``"global"``
+            (the original ratio over all layers) or ``"hatcl"`` (HAT-CL 0.1.1's ``get_hat_reg_term``,
+            to keep a HAT-CL coefficient; see ``hat_regularization``).
         quota: share of each layer's free units a task may use before the layerwise penalty acts
             (default ``1 / num_tasks``).
         schedule: ``"cosine"`` (HAT-CL Eq. 6), ``"linear"`` (original Eq. 4) or a
