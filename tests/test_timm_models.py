@@ -22,6 +22,10 @@ SMALL = {
     "hat_resnet18s": (3, 8, {}),
     "hat_resnet34s": (3, 8, {}),
     "hat_vit_tiny_patch16_224": (3, 32, {"img_size": 32}),
+    # ViT-Small and -Base at their widths and head counts, two blocks instead of 12 (full size:
+    # tests/test_pretrained_vit.py builds ViT-Base once)
+    "hat_vit_small_patch16_224": (3, 32, {"img_size": 32, "depth": 2}),
+    "hat_vit_base_patch16_224": (3, 32, {"img_size": 32, "depth": 2}),
     "hat_alexnet": (3, 32, {}),
     "hat_mlp": (1, 28, {}),
 }

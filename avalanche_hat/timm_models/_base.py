@@ -8,6 +8,7 @@ from torch import nn
 from ..config import HATConfig
 from ..modules import TaskIndexedLinear
 from ..payload import HATPayload
+from ._checkpoint import run_checkpointed
 
 
 def check_hat_config(hat_config, model_name: str) -> HATConfig:
@@ -56,6 +57,8 @@ class HATNetwork(nn.Module):
     classifier_attr: str = "head"
     takes_hat_payload = True  # HATPayload.forward_by hands it the payload itself
     drop_rate: float = 0.0
+    grad_checkpointing: bool = False
+    supports_grad_checkpointing: bool = False  # a network that runs its segments through _segment
 
     # ------------------------------------------------------------------------------ input
     def _payload(self, x, task_id: int | None = None, mask_scale: float | None = None) -> HATPayload:
@@ -96,6 +99,29 @@ class HATNetwork(nn.Module):
     def forward(self, x, task_id: int | None = None, mask_scale: float | None = None) -> torch.Tensor:
         """Logits of ``task_id``'s head (``num_classes > 0``) or the pooled features (``num_classes=0``)."""
         return self.forward_head(self.forward_features(self._payload(x, task_id, mask_scale)))
+
+    # -------------------------------------------------------------------- checkpointing
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's gradient checkpointing: while gradients are enabled, each block (ViT, ResNet) or
+        layer (AlexNet, MLP) keeps no activation and is recomputed in the backward pass. Same loss and
+        same gradients as without it (the recomputation restores the random state, leaves BatchNorm
+        statistics and the regulariser's recorded masks alone); less memory for more compute."""
+        if not isinstance(enable, bool):
+            raise TypeError(f"set_grad_checkpointing takes True or False, got {enable!r}")
+        if enable and not self.supports_grad_checkpointing:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support gradient checkpointing: its forward does not run its "
+                "blocks through HATNetwork._segment, so nothing would be checkpointed. Train it without "
+                "set_grad_checkpointing(True), or route each block through self._segment(block, payload)"
+            )
+        self.grad_checkpointing = enable
+
+    def _segment(self, fn, payload: HATPayload, *modules: nn.Module) -> HATPayload:
+        """``fn(payload)``, checkpointed when gradient checkpointing is on and gradients are enabled.
+        ``modules``: the modules ``fn`` runs (``fn`` itself when it is a module)."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return fn(payload)
+        return run_checkpointed(fn, payload, modules or (fn,))
 
     # ------------------------------------------------------------------------- classifier
     def _make_head(self, num_classes: int) -> nn.Module:

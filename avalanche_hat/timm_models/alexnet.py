@@ -9,6 +9,8 @@ names, ``head`` a single ``nn.Linear``) for baselines. Both take ``in_chans`` an
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.models import register_model
 from timm.models._registry import generate_default_cfgs
@@ -56,6 +58,8 @@ class HATAlexNet(HATNetwork):
         drop_rate: dropout after each fully connected layer.
     """
 
+    supports_grad_checkpointing = True
+
     def __init__(self, hat_config: HATConfig, num_classes: int = 10, in_chans: int = 3, img_size=32,
                  conv_drop_rates=(0.2, 0.2, 0.5), drop_rate: float = 0.5):
         super().__init__()
@@ -78,11 +82,18 @@ class HATAlexNet(HATNetwork):
     def forward_features(self, x, task_id: int | None = None, mask_scale: float | None = None) -> HATPayload:
         p = self._payload(x, task_id, mask_scale)
         _check_input(p.unmasked_data, self.in_chans, self.img_size, "hat_alexnet")
+        # one checkpointed segment per layer with set_grad_checkpointing(True)
         for conv, drop in zip((self.conv1, self.conv2, self.conv3), self.conv_drops):
-            p = conv(p).forward_by(self.relu).forward_by(drop).forward_by(self.pool)
+            p = self._segment(partial(self._conv_block, conv, drop), p, conv, drop)
         p = p.flatten(1)
-        p = self.fc1(p).forward_by(self.relu).forward_by(self.fc_drop)
-        return self.fc2(p).forward_by(self.relu).forward_by(self.fc_drop)
+        p = self._segment(partial(self._fc_block, self.fc1), p, self.fc1)
+        return self._segment(partial(self._fc_block, self.fc2), p, self.fc2)
+
+    def _conv_block(self, conv: HATConv2d, drop: nn.Module, p: HATPayload) -> HATPayload:
+        return conv(p).forward_by(self.relu).forward_by(drop).forward_by(self.pool)
+
+    def _fc_block(self, fc: HATLinear, p: HATPayload) -> HATPayload:
+        return fc(p).forward_by(self.relu).forward_by(self.fc_drop)
 
 
 class AlexNet(nn.Module):

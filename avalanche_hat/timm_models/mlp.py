@@ -7,6 +7,7 @@ same weight names (``hidden.<i>``, ``head``).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from timm.models import register_model
@@ -48,6 +49,8 @@ class HATMLP(HATNetwork):
         drop_rate: dropout after each hidden layer.
     """
 
+    supports_grad_checkpointing = True
+
     def __init__(self, hat_config: HATConfig, num_classes: int = 10, in_chans: int = 1, img_size=28,
                  hidden_sizes=(400, 400), drop_rate: float = 0.0):
         super().__init__()
@@ -66,9 +69,12 @@ class HATMLP(HATNetwork):
         p = self._payload(x, task_id, mask_scale)
         _check_input(p.unmasked_data, self.input_shape, "hat_mlp")
         p = p.flatten(1)
-        for layer in self.hidden:
-            p = layer(p).forward_by(self.act).forward_by(self.drop)
+        for layer in self.hidden:  # one checkpointed segment per layer with set_grad_checkpointing(True)
+            p = self._segment(partial(self._layer, layer), p, layer)
         return p
+
+    def _layer(self, layer: HATLinear, p: HATPayload) -> HATPayload:
+        return layer(p).forward_by(self.act).forward_by(self.drop)
 
 
 class MLP(nn.Module):

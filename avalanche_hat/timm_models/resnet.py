@@ -85,6 +85,7 @@ class HATResNet(HATNetwork):
     """
 
     classifier_attr = "fc"
+    supports_grad_checkpointing = True
 
     def __init__(self, layers, hat_config: HATConfig, num_classes: int = 1000, in_chans: int = 3,
                  small_stem: bool = False, global_pool: str = "avg", drop_rate: float = 0.0,
@@ -145,7 +146,8 @@ class HATResNet(HATNetwork):
         p = self._payload(x, task_id, mask_scale)
         p = self.bn1(self.conv1(p)).forward_by(self.act1).forward_by(self.maxpool)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            p = stage(p)
+            for block in stage:  # one checkpointed segment per block with set_grad_checkpointing(True)
+                p = self._segment(block, p)
         return p
 
     def _pool(self, payload: HATPayload) -> HATPayload:

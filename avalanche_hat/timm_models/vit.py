@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import register_model
-from timm.models._registry import generate_default_cfgs
+from timm.models._registry import generate_default_cfgs, register_model_deprecations
 from torch import nn
 
 from ..config import HATConfig
@@ -226,6 +226,8 @@ class HATVisionTransformer(HATNetwork):
     tokens, norm after pooling as ``fc_norm``), as timm.
     """
 
+    supports_grad_checkpointing = True
+
     def __init__(self, hat_config: HATConfig, img_size=224, patch_size=16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -278,7 +280,8 @@ class HATVisionTransformer(HATNetwork):
         cls = self.cls_token(t).expand(p.shape[0], -1, -1)
         tokens = torch.cat([cls, p.data], dim=1) + self.pos_embed(t)
         p = p.derive(tokens).forward_by(self.pos_drop)
-        p = self.blocks(p)
+        for block in self.blocks:  # one checkpointed segment per block with set_grad_checkpointing(True)
+            p = self._segment(block, p)
         return self.norm(p) if self.global_pool == "token" else p
 
     def _pool(self, payload: HATPayload) -> HATPayload:
@@ -297,15 +300,54 @@ class HATVisionTransformer(HATNetwork):
         return state_dict
 
 
+# Pretrained tags: the plain timm models' own (``arch.tag``), first the default. ``augreg``: Steiner et
+# al.'s ImageNet-21k training ("How to train your ViT"); ``orig``: the original ViT paper's; ``_ft_in1k``:
+# then fine-tuned on ImageNet-1k. The in21k checkpoints carry a 21843-class head (``orig_in21k``: none).
+_TAGS = {
+    "tiny": ("augreg_in21k_ft_in1k", "augreg_in21k"),
+    "small": ("augreg_in21k_ft_in1k", "augreg_in21k", "augreg_in1k"),
+    "base": ("augreg2_in21k_ft_in1k", "augreg_in21k_ft_in1k", "augreg_in21k", "orig_in21k_ft_in1k", "orig_in21k",
+             "augreg_in1k"),
+}
 default_cfgs = generate_default_cfgs({
-    "hat_vit_tiny_patch16_224.augreg_in21k_ft_in1k": cfg_from_plain("vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+    f"hat_vit_{size}_patch16_224.{tag}": cfg_from_plain(f"vit_{size}_patch16_224.{tag}")
+    for size, tags in _TAGS.items() for tag in tags
 })
+
+
+def _hat_vit(variant: str, pretrained: bool, args: dict, kwargs: dict) -> HATVisionTransformer:
+    return build(HATVisionTransformer, variant, pretrained, **{**args, **kwargs})
 
 
 @register_model
 def hat_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> HATVisionTransformer:
-    """HAT ViT-Tiny/16 (embed 192, depth 12, 3 heads); ``pretrained`` maps timm's
-    ``vit_tiny_patch16_224.augreg_in21k_ft_in1k`` weights onto it (position embedding resampled
-    for another ``img_size``)."""
-    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return build(HATVisionTransformer, "hat_vit_tiny_patch16_224", pretrained, **{**args, **kwargs})
+    """HAT ViT-Tiny/16 (embed 192, depth 12, 3 heads, 5.7M parameters); ``pretrained`` maps timm's
+    ``vit_tiny_patch16_224.augreg_in21k_ft_in1k`` weights onto it (``.augreg_in21k`` for the
+    ImageNet-21k ones; position embedding resampled for another ``img_size``)."""
+    return _hat_vit("hat_vit_tiny_patch16_224", pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+                    kwargs)
+
+
+@register_model
+def hat_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> HATVisionTransformer:
+    """HAT ViT-Small/16 (embed 384, depth 12, 6 heads, 22M parameters); ``pretrained`` maps timm's
+    ``vit_small_patch16_224.augreg_in21k_ft_in1k`` weights onto it (tags ``.augreg_in21k``,
+    ``.augreg_in1k``)."""
+    return _hat_vit("hat_vit_small_patch16_224", pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+                    kwargs)
+
+
+@register_model
+def hat_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> HATVisionTransformer:
+    """HAT ViT-Base/16 (embed 768, depth 12, 12 heads, 86M parameters); ``pretrained`` maps timm's
+    ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` weights onto it (tags ``.augreg_in21k_ft_in1k``,
+    ``.augreg_in21k``, ``.orig_in21k_ft_in1k``, ``.orig_in21k``, ``.augreg_in1k``)."""
+    return _hat_vit("hat_vit_base_patch16_224", pretrained, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+                    kwargs)
+
+
+# timm < 0.9 names (those HAT-CL's timm knew): a warning, then the current name and tag, as timm does for
+# its own ``vit_*_patch16_224_in21k``.
+register_model_deprecations(__name__, {
+    f"hat_vit_{size}_patch16_224_in21k": f"hat_vit_{size}_patch16_224.augreg_in21k" for size in _TAGS
+})
