@@ -199,17 +199,21 @@ def link(task_indexed: nn.Module, hat_layer: nn.Module) -> None:
 def unprotected_message(layer, task_id, others) -> str:
     tasks = ", ".join(map(str, others))
     first = others[0]
-    return (
+    text = (
         f"training task {task_id if task_id is not None else 'None (the plain network)'} in "
         f"{type(layer).__name__}, but task(s) {tasks} had training steps here and are not marked trained: "
         f"this step would change what they learned. If task {first} is done, call "
         f"avalanche_hat.mark_task_trained(model, {first}) first (the HAT strategy/HATPlugin does it at the "
-        "end of each experience). To protect it for some forwards only, lock it: HATPayload(x, "
-        f"task_id={task_id}, locked_task_ids=[{first}]) or `with avalanche_hat.locked_tasks({first}):`. "
-        f"To train tasks together on purpose, wrap the loop in `with avalanche_hat.joint_training({first}, "
-        f"{task_id}):`. To discard what task {first} learned, call "
-        f"avalanche_hat.mark_task_trained(model, {first}, trained=False)."
+        "end of each experience). "
     )
+    if task_id is not None:
+        text += (
+            "To protect it for some forwards only, lock it: HATPayload(x, "
+            f"task_id={task_id}, locked_task_ids=[{first}]) or `with avalanche_hat.locked_tasks({first}):`. "
+            f"To train tasks together on purpose, wrap the loop in `with avalanche_hat.joint_training({first}, "
+            f"{task_id}):`. "
+        )
+    return text + f"To discard what task {first} learned, call avalanche_hat.mark_task_trained(model, {first}, trained=False)."
 
 
 def training_forward(layer, task_id: int | None, locked: frozenset) -> frozenset:
@@ -229,9 +233,6 @@ def training_forward(layer, task_id: int | None, locked: frozenset) -> frozenset
                     if t != task_id and not (task_id in joint and t in joint))
     if others:
         raise RuntimeError(unprotected_message(layer, task_id, others))
-    if task_id is not None and task_id not in stepped:
-        with torch.no_grad():
-            layer.hat_stepped[task_id] = True
     g = state(layer)
     if g.closed:  # a step restored since the last training forward: a new step begins
         g.step_tasks, g.step_locked, g.step_in_owned, g.closed = set(), frozenset(), _UNSET, False
@@ -268,10 +269,11 @@ def record_copy(module, task_id: int | None) -> None:
 
 
 def forward_start(module, trained: frozenset | None = None) -> None:
-    """At the start of every forward: if the layer's parameters were written in place since the last
-    restore (an optimizer outside ``torch.optim``), restore what the protected tasks own first."""
+    """At the start of every forward: if the layer's parameters were written in place since its last
+    training forward or restore (an optimizer step outside ``torch.optim``), record the step's tasks
+    as trained here and restore what the protected tasks own."""
     g = state(module)
-    if g.versions is None or g.reference is None:
+    if g.versions is None:
         return
     now = _versions(module)
     if now is None or now == g.versions:
@@ -282,10 +284,16 @@ def forward_start(module, trained: frozenset | None = None) -> None:
 
 
 def note_clean(module) -> None:
-    """Record the parameters' versions as restored (after a restore, a derivation or our own clamp)."""
-    g = state(module)
-    if g.reference is not None:
-        g.versions = _versions(module)
+    """Record the parameters' versions (after a training forward's clamp, a restore, a derivation)."""
+    state(module).versions = _versions(module)
+
+
+@torch.no_grad()
+def _mark_stepped(layer, g) -> None:
+    """The tasks of the step that just ran had a training step on ``layer`` (``hat_stepped``)."""
+    new = [t for t in g.step_tasks if t not in flag_set(layer, "hat_stepped")]
+    if new:
+        layer.hat_stepped[sorted(new)] = True
 
 
 # ------------------------------------------------------------------------------ reference, restore
@@ -355,8 +363,11 @@ def restore(module, tasks: frozenset, after_step: bool = True) -> None:
     """Copy what ``tasks`` own back from the reference (bit-identical), then close the step."""
     g = state(module)
     if after_step:
+        if _is_hat(module) and not g.closed:
+            _mark_stepped(module, g)
         g.closed = True
     if not tasks or g.reference is None:
+        g.versions = _versions(module)
         return
     tasks = tasks & g.ref_tasks  # the pre-step hook made the reference cover them
     if tasks:
@@ -448,7 +459,7 @@ def _pre_step(optimizer, args, kwargs) -> None:
     if not hats and not indexed:
         return
     trained, locked = _network_sets(hats, indexed)
-    if not trained and not locked:
+    if not trained and not locked and not any(state(m).step_locked for m in indexed):
         return
     for m in hats:
         forward_start(m)  # something wrote to it outside a step: restore that first

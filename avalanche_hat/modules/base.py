@@ -170,8 +170,8 @@ class HATModule(nn.Module):
             locked = guard.training_forward(self, task_id, payload.locked_task_ids)
             if scale is not None:
                 self.clamp_embedding_()
-                guard.note_clean(self)
-            owned, free = self._training_ownership(task_id, locked)
+            guard.note_clean(self)
+            owned, free = self._training_ownership(task_id, locked) if locked else self._training_ownership(task_id)
             in_owned = payload.ownership
             if in_owned is not None and (payload.mask_dim != in_axis % x.ndim or in_owned.numel() != in_units):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
