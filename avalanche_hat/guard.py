@@ -171,7 +171,7 @@ def _tensors(module) -> list:
     """The tensors whose versions tell whether something wrote to the layer in place."""
     if _is_hat(module):
         return [t for t in (module.weight, module.bias, module.mask_embedding) if t is not None]
-    return list(module.copies.parameters())
+    return [t for t in _copy_tensors(module, state(module).ref_tasks) if isinstance(t, nn.Parameter)]
 
 
 def _versions(module):
@@ -435,6 +435,9 @@ def _layers_of(optimizer) -> tuple[list, list]:
     for m in list(_MODULES):
         params = m.parameters(recurse=not _is_hat(m))
         if any(id(p) in ids for p in params):
+            if not _is_hat(m) and any(c is not m and getattr(c, "copies", None) is m.copies
+                                      for c in m.modules()):
+                continue  # a wrapper sharing the copies of the task-indexed layer inside it
             (hats if _is_hat(m) else indexed).append(m)
     if hats:
         for m in indexed:
