@@ -386,29 +386,37 @@ def restore(module, tasks: frozenset, after_step: bool = True) -> None:
 
 
 def _restore_hat(layer, g, tasks: frozenset) -> None:
-    from .mechanism.masks import nullification_factor
-
     ref = g.reference
     emb, ref_emb = layer.mask_embedding, ref["mask_embedding"]
-    key = ("rows", tasks)
-    cached = g.cache.get(key)
+    cached = g.cache.get(tasks)
     if cached is None:
         rows = torch.tensor(sorted(tasks), device=emb.device)
         out_owned = (ref_emb.index_select(0, rows) > 0).any(0)
-        any_owned = bool(out_owned.any())
-        cached = g.cache[key] = (rows, out_owned, any_owned)
-    rows, out_owned, any_owned = cached
+        cached = g.cache[tasks] = [rows, out_owned, bool(out_owned.any()), _UNSET, None]
+    rows, out_owned, any_owned, seen_in, condition = cached
     emb.index_copy_(0, rows, ref_emb.index_select(0, rows))
     if not any_owned:
         return
     weight = layer.weight
     in_owned = g.step_in_owned
-    if in_owned is _UNSET:
+    groups = getattr(layer, "groups", 1)
+    if in_owned is _UNSET or (in_owned is not None and in_owned.numel() != weight.shape[1] * groups):
         in_owned = None
-    if in_owned is not None and in_owned.numel() * 1 != weight.shape[1] * getattr(layer, "groups", 1):
-        in_owned = None
-    factor = nullification_factor(out_owned.to(weight.dtype), in_owned, weight.ndim, getattr(layer, "groups", 1))
-    torch.where(factor == 0, ref["weight"], weight, out=weight)
+    # The entries Eq. 2 protects: owned output units, where their input is owned (kernel dims broadcast).
+    # The same every step while the protected tasks and the input ownership stay: built once.
+    if condition is None or not (seen_in is in_owned or (
+            seen_in is not None and in_owned is not None and torch.equal(seen_in, in_owned))):
+        trailing = (1,) * (weight.ndim - 2)
+        condition = out_owned.view(-1, 1, *trailing)
+        if in_owned is not None:
+            inputs = (in_owned > 0).view(groups, -1)
+            if groups > 1:
+                inputs = inputs.repeat_interleave(weight.shape[0] // groups, dim=0)
+            else:
+                inputs = inputs.expand(weight.shape[0], -1)
+            condition = condition & inputs.reshape(weight.shape[0], -1, *trailing)
+        cached[3], cached[4] = (None if in_owned is None else in_owned.clone()), condition
+    torch.where(condition, ref["weight"], weight, out=weight)
     if layer.bias is not None:
         torch.where(out_owned, ref["bias"], layer.bias, out=layer.bias)
 
