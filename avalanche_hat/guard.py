@@ -171,7 +171,8 @@ def _tensors(module) -> list:
     """The tensors whose versions tell whether something wrote to the layer in place."""
     if _is_hat(module):
         return [t for t in (module.weight, module.bias, module.mask_embedding) if t is not None]
-    return [t for t in _copy_tensors(module, state(module).ref_tasks) if isinstance(t, nn.Parameter)]
+    return [p for t in sorted(state(module).ref_tasks) if t < len(module.copies) - 1
+            for p in (module.copies[t].parameters() if isinstance(module.copies[t], nn.Module) else [module.copies[t]])]
 
 
 def _versions(module):
@@ -273,7 +274,7 @@ def forward_start(module, trained: frozenset | None = None) -> None:
     training forward or restore (an optimizer step outside ``torch.optim``), record the step's tasks
     as trained here and restore what the protected tasks own."""
     g = state(module)
-    if g.versions is None:
+    if g.versions is None or _transformed():
         return
     now = _versions(module)
     if now is None or now == g.versions:
@@ -281,6 +282,14 @@ def forward_start(module, trained: frozenset | None = None) -> None:
     if trained is None:
         trained = flag_set(module, "hat_trained") if _is_hat(module) else network_trained(module)
     restore(module, protected(module, trained), after_step=True)
+
+
+def _transformed() -> bool:
+    """Inside vmap/grad (task inference's batched pass): the state is swapped in, nothing to restore."""
+    try:
+        return torch._C._functorch.maybe_current_level() is not None
+    except AttributeError:
+        return False
 
 
 def note_clean(module) -> None:
