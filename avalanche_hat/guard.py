@@ -171,8 +171,14 @@ def _tensors(module) -> list:
     """The tensors whose versions tell whether something wrote to the layer in place."""
     if _is_hat(module):
         return [t for t in (module.weight, module.bias, module.mask_embedding) if t is not None]
-    return [p for t in sorted(state(module).ref_tasks) if t < len(module.copies) - 1
+    g = state(module)
+    key = ("parameters", g.ref_tasks)
+    tensors = g.cache.get(key)
+    if tensors is None:  # the copies' Parameter objects stay while the reference does (reset with it)
+        tensors = g.cache[key] = [
+            p for t in sorted(g.ref_tasks) if t < len(module.copies) - 1
             for p in (module.copies[t].parameters() if isinstance(module.copies[t], nn.Module) else [module.copies[t]])]
+    return tensors
 
 
 def _versions(module):
@@ -482,10 +488,8 @@ def _pre_step(optimizer, args, kwargs) -> None:
     if not trained and not locked and not any(state(m).step_locked for m in indexed):
         return
     for m in hats:
-        forward_start(m)  # something wrote to it outside a step: restore that first
         ensure_reference(m, protected(m, flag_set(m, "hat_trained")))
     for m in indexed:
-        forward_start(m, trained)
         ensure_reference(m, protected(m, trained, locked))
 
 
