@@ -9,6 +9,7 @@ from .config import HATConfig
 from .converter import ConversionError, ConversionReport, convert
 from .export import export_task
 from .forgetting import ForgetResult, LayerForgetting, forget_task
+from .guard import joint_training, locked_tasks
 from .mechanism.schedules import (ConstantMaskScale, CosineMaskScale, ExponentialMaskScale, LinearMaskScale,
                                   MaskScaleSchedule)
 from .network import (
@@ -43,6 +44,6 @@ __all__ = [
     "HATConfig", "HATPayload", "check_network_output", "convert", "export_task", "ConversionReport", "ConversionError",
     "forget_task", "ForgetResult", "LayerForgetting", "capacity_report", "CapacityReport", "LayerCapacity",
     "ConstantMaskScale", "CosineMaskScale", "ExponentialMaskScale", "LinearMaskScale", "MaskScaleSchedule",
-    "clamp_embeddings_", "hat_modules", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
+    "clamp_embeddings_", "hat_modules", "locked_tasks", "joint_training", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",
 ]

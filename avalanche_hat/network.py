@@ -7,8 +7,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import guard
 from .mechanism.regularization import global_usage_penalty, hatcl_usage_penalty, layerwise_usage_penalty
-from .modules.base import MASK_RECORD, HATModule
+from .modules.base import MASK_RECORD, HATModule, TaskIndexedModule
 
 
 def hat_modules(module: nn.Module) -> Iterator[tuple[str, HATModule]]:
@@ -27,10 +28,34 @@ def _require_hat(module: nn.Module) -> list[HATModule]:
 
 @torch.no_grad()
 def mark_task_trained(module: nn.Module, task_id: int, trained: bool = True) -> None:
-    """Record that ``task_id`` is learned: from now on its units are protected (Eq. 2)."""
-    for layer in _require_hat(module):
+    """Record that ``task_id`` is learned: from now on what it owns is protected (Eq. 2 on the
+    gradients, and restored after every optimizer step: its units' weights, its mask embedding, its
+    copies of task-indexed layers).
+
+    ``trained=False`` unmarks it: it is no longer protected, and its training steps no longer
+    block training another task (what it learned may then be overwritten)."""
+    layers = _require_hat(module)
+    for layer in layers:
         layer.hat_config.check_task_id(task_id)
+    for layer in layers:
         layer.hat_trained[task_id] = trained
+        if not trained:
+            layer.hat_stepped[task_id] = False
+    _protect_now(module, layers)
+
+
+def _protect_now(module: nn.Module, layers: list) -> None:
+    """The guard's bookkeeping after the trained tasks changed: the task-indexed layers follow the
+    network's HAT layers, and the reference of what the trained tasks own is taken now."""
+    trained = guard.flag_set(layers[0], "hat_trained")
+    for m in module.modules():
+        if isinstance(m, (HATModule, TaskIndexedModule)):
+            if isinstance(m, TaskIndexedModule):
+                guard.link(m, layers[0])
+            g = guard.state(m)
+            g.step_tasks -= trained  # a step without a new forward protects them too
+            guard.ensure_reference(m, guard.protected(m, guard.flag_set(m, "hat_trained")
+                                                      if isinstance(m, HATModule) else trained))
 
 
 def trained_tasks(module: nn.Module) -> list[int]:

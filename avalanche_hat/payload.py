@@ -106,6 +106,14 @@ def _hat_kind(module) -> str | None:
     return "keywords" if {"task_id", "mask_scale"} <= set(params) else "unknown"
 
 
+def _locks(task_ids):
+    if not task_ids:
+        return contextlib.nullcontext()
+    from .guard import locked_tasks
+
+    return locked_tasks(*task_ids)
+
+
 class HATPayload:
     """A tensor plus what HAT needs to know about it.
 
@@ -114,6 +122,10 @@ class HATPayload:
         task_id: the task whose masks to use; ``None`` runs the plain network (no mask, the shared
             copy of task-indexed layers, nothing frozen).
         mask_scale: ``s`` of Eq. 1 (training); ``None`` gives binary masks (inference).
+        locked_task_ids: tasks to protect in this forward (and the optimizer step after it) as if
+            they were marked trained, without marking them (HAT-CL's ``locked_task_ids``); every
+            payload derived from this one carries them. :func:`avalanche_hat.locked_tasks` does the
+            same for a block of code (including task-indexed heads called on a bare tensor).
 
     ``.data`` is the tensor with the pending mask applied. HAT layers keep their mask pending so
     that a task-indexed norm can normalise the unmasked output and fold the mask into its affine
@@ -122,7 +134,7 @@ class HATPayload:
     add applies each operand's mask exactly once.
     """
 
-    __slots__ = ("_data", "task_id", "mask_scale", "_mask", "mask_dim", "ownership")
+    __slots__ = ("_data", "task_id", "mask_scale", "_mask", "mask_dim", "ownership", "locked_task_ids")
 
     def __init__(
         self,
@@ -133,6 +145,7 @@ class HATPayload:
         mask: torch.Tensor | None = None,
         mask_dim: int | None = None,
         ownership: torch.Tensor | None = None,
+        locked_task_ids=None,
     ) -> None:
         if isinstance(data, HATPayload):
             raise TypeError("HATPayload wraps a tensor, not another HATPayload")
@@ -160,12 +173,25 @@ class HATPayload:
                         f"mismatched mask dimension: the {name} has {vector.numel()} units but "
                         f"axis {mask_dim} of the data has {units} (shape {tuple(data.shape)})"
                     )
+        locked = frozenset()
+        if locked_task_ids is not None and not isinstance(locked_task_ids, frozenset):
+            from .guard import as_locked_ids
+
+            locked = as_locked_ids(locked_task_ids)
+        elif locked_task_ids:
+            locked = locked_task_ids
+        if locked and task_id in locked:
+            raise ValueError(f"task {task_id} cannot be locked in its own forward: a locked task cannot "
+                             f"learn (locked_task_ids={sorted(locked)})")
+        if locked and task_id is None:
+            raise ValueError("locked_task_ids needs a task_id: the plain network (task_id=None) protects no task")
         self._data = data
         self.task_id = task_id
         self.mask_scale = mask_scale
         self._mask = mask
         self.mask_dim = mask_dim
         self.ownership = ownership
+        self.locked_task_ids = locked
 
     # ----------------------------------------------------------------------------------- access
     @property
@@ -233,7 +259,8 @@ class HATPayload:
     ) -> "HATPayload":
         """A payload for ``data`` with this task id and scale; mask and ownership as given (none by default)."""
         return HATPayload(
-            data, self.task_id, self.mask_scale, mask=mask, mask_dim=mask_dim, ownership=ownership
+            data, self.task_id, self.mask_scale, mask=mask, mask_dim=mask_dim, ownership=ownership,
+            locked_task_ids=self.locked_task_ids,
         )
 
     def forward_by(self, module: Callable[[torch.Tensor], torch.Tensor], *args, **kwargs) -> "HATPayload":
@@ -301,7 +328,8 @@ class HATPayload:
                     f"forward_by({name}) passes the payload's task_id and mask_scale itself; "
                     f"do not pass {sorted(clash)}"
                 )
-            out = module(self.data, *args, task_id=self.task_id, mask_scale=self.mask_scale, **kwargs)
+            with _locks(self.locked_task_ids):  # the module builds its own payload: the locks go with it
+                out = module(self.data, *args, task_id=self.task_id, mask_scale=self.mask_scale, **kwargs)
         else:
             raise TypeError(
                 f"forward_by({name}): {name} has HAT layers but its forward takes neither a HATPayload "

@@ -110,7 +110,11 @@ def test_task_none_trains_the_plain_network_with_nothing_frozen():
     plain = layer.to_base_module()
     x = torch.randn(8, 4)
     layer(HATPayload(x, task_id=0, mask_scale=10.0)).data.sum().backward()  # a task-0 step, not marked
+    torch.optim.SGD(layer.parameters(), lr=0.0).step()
     layer.zero_grad()
+    with pytest.raises(RuntimeError, match=r"mark_task_trained\(model, 0\)"):  # it would lose task 0
+        layer(HATPayload(x))
+    mark_task_trained(layer, 0, trained=False)  # discard task 0 on purpose: nothing is protected
     layer(HATPayload(x)).data.pow(2).sum().backward()
     plain(x).pow(2).sum().backward()
     assert torch.equal(layer.weight.grad, plain.weight.grad) and torch.equal(layer.bias.grad, plain.bias.grad)
@@ -235,10 +239,12 @@ def test_wrong_input_shape_and_bare_tensors_are_clear_errors():
         HATLinear(3, 4, None)
 
 
-def test_forgetting_to_mark_a_task_warns():
+def test_forgetting_to_mark_a_task_is_refused_not_warned():
     layer = HATLinear(4, 3, CFG)
-    layer(HATPayload(torch.randn(2, 4), task_id=0, mask_scale=1.0))
-    with pytest.warns(UserWarning, match="never marked trained"):
+    layer(HATPayload(torch.randn(2, 4), task_id=0, mask_scale=1.0)).data.sum().backward()
+    torch.optim.Adam(layer.parameters()).step()
+    layer(HATPayload(torch.randn(2, 4), task_id=0, mask_scale=1.0))  # task 0 again: fine
+    with pytest.raises(RuntimeError, match=r"mark_task_trained\(model, 0\)"):
         layer(HATPayload(torch.randn(2, 4), task_id=1, mask_scale=1.0))
 
 

@@ -1,12 +1,12 @@
 """What every HAT layer and every task-indexed layer shares."""
 from __future__ import annotations
 
-import warnings
 from contextvars import ContextVar
 
 import torch
 from torch import nn
 
+from .. import guard
 from ..config import HATConfig
 from ..mechanism import fused
 from ..mechanism.masks import (binary_mask, nullification_factor, owned_by, ownership, protecting_tasks, scale_grad,
@@ -35,9 +35,12 @@ class HATModule(nn.Module):
     """A layer whose output units are gated per task by ``a = sigmoid(s e)`` (Eq. 1).
 
     State (all in ``state_dict``, so it survives save/load, ``deepcopy``, pickling and ``.to``):
-    ``mask_embedding`` (``num_tasks x units``) and ``hat_trained``, the tasks whose units are
-    protected. Nothing is cached and no hook is registered: masks, ownership and the gradient factors
-    of Eq. 2 are computed in every forward from that state.
+    ``mask_embedding`` (``num_tasks x units``), ``hat_trained``, the tasks whose units are
+    protected, and ``hat_stepped``, the tasks that had training forwards here (a training forward
+    of a task is refused while another task has steps and is not marked trained). Masks, ownership
+    and the gradient factors of Eq. 2 are computed in every forward from that state; after every
+    optimizer step what the protected tasks own is restored from a reference derived from the
+    parameters (:mod:`avalanche_hat.guard`, never persisted).
     """
 
     hat_config: HATConfig
@@ -52,7 +55,26 @@ class HATModule(nn.Module):
         emb = torch.empty(hat_config.num_tasks, units, device=device, dtype=dtype or torch.get_default_dtype())
         self.mask_embedding = nn.Parameter(hat_config.init_embedding_(emb))
         self.register_buffer("hat_trained", torch.zeros(hat_config.num_tasks, dtype=torch.bool, device=device))
-        self._last_training_task: int | None = None
+        self.register_buffer("hat_stepped", torch.zeros(hat_config.num_tasks, dtype=torch.bool, device=device))
+        guard.register(self)
+
+    # ------------------------------------------------------------- protection bookkeeping (guard)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "hat_stepped" not in state_dict and prefix + "hat_trained" in state_dict:
+            # A checkpoint written before hat_stepped existed: its trained tasks had training steps.
+            state_dict[prefix + "hat_stepped"] = state_dict[prefix + "hat_trained"]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        guard.reset(self)
+
+    def __getstate__(self):
+        d = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in d.items() if k != "_hat_guard"}
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        if "hat_stepped" not in self._buffers and "hat_trained" in self._buffers:
+            self._buffers["hat_stepped"] = self._buffers["hat_trained"].clone()
+        guard.register(self)
 
     @property
     def num_units(self) -> int:
@@ -87,13 +109,18 @@ class HATModule(nn.Module):
         """0/1 per unit: owned by a trained task other than ``task_id`` (Eq. 2's ``a^{<t}``)."""
         return ownership(self.mask_embedding, self.hat_trained, task_id)
 
-    def _training_ownership(self, task_id: int) -> tuple[torch.Tensor, bool]:
-        """Eq. 2's ownership for a training step, and whether it is known without a device
-        synchronisation that no unit is owned (on the CPU, when no other task is trained yet)."""
+    def _training_ownership(self, task_id: int, locked: frozenset = frozenset()) -> tuple[torch.Tensor, bool]:
+        """Eq. 2's ownership for a training step (the trained tasks and the ``locked`` ones protect
+        their units), and whether it is known without a device synchronisation that no unit is
+        owned (on the CPU, when no other task is trained or locked)."""
         trained = self.hat_trained
         if trained.is_cpu:
-            tasks = protecting_tasks(trained, task_id)
+            tasks = sorted(set(protecting_tasks(trained, task_id)) | set(locked))
             return owned_by(self.mask_embedding, tasks), not tasks
+        if locked:
+            trained = trained.clone()
+            trained[sorted(locked)] = True
+            return ownership(self.mask_embedding, trained, task_id), False
         return self.ownership(task_id), False
 
     def clamp_embedding_(self) -> None:
@@ -125,9 +152,12 @@ class HATModule(nn.Module):
                 f"{type(self).__name__} expects {in_units} input units along axis {in_axis}, got an "
                 f"input of shape {tuple(x.shape)}"
             )
+        guard.forward_start(self)  # an optimizer outside torch.optim wrote here: restore first
         weight, bias = self.weight, self.bias
         training = self.training and torch.is_grad_enabled()
         if task_id is None:
+            if training:
+                guard.training_forward(self, None, payload.locked_task_ids)
             if training and bool(self.hat_trained.any()):
                 raise RuntimeError(
                     f"training {type(self).__name__} with task_id=None would overwrite the weights of "
@@ -137,15 +167,17 @@ class HATModule(nn.Module):
             return payload.derive(compute(x, weight, bias))
         owned = None
         if training:  # Eq. 2 on weight and bias gradients; masks trained with clamped embeddings
-            self._warn_unmarked_task(task_id)
+            locked = guard.training_forward(self, task_id, payload.locked_task_ids)
             if scale is not None:
                 self.clamp_embedding_()
-            owned, free = self._training_ownership(task_id)
-            if free and plain_when_free:
-                return self._masked_output(payload, compute(x, weight, bias), task_id, scale, owned)
+            guard.note_clean(self)
+            owned, free = self._training_ownership(task_id, locked) if locked else self._training_ownership(task_id)
             in_owned = payload.ownership
             if in_owned is not None and (payload.mask_dim != in_axis % x.ndim or in_owned.numel() != in_units):
                 in_owned = None  # the unit axis does not line up with this layer's inputs: stay safe
+            guard.record_input_ownership(self, in_owned)
+            if free and plain_when_free:
+                return self._masked_output(payload, compute(x, weight, bias), task_id, scale, owned)
             if masked_nullified is not None and scale is not None:
                 out, mask = masked_nullified(x, weight, bias, owned, in_owned, task_id, scale)
                 return self._masked_output(payload, out, task_id, scale, owned, mask)
@@ -173,19 +205,6 @@ class HATModule(nn.Module):
         record = MASK_RECORD.get()
         if record is not None:
             record.setdefault(id(self), (task_id, scale, mask, owned))
-
-    def _warn_unmarked_task(self, task_id: int) -> None:
-        last = self._last_training_task
-        if last == task_id:
-            return
-        if last is not None and not bool(self.hat_trained[last]):
-            warnings.warn(
-                f"training task {task_id} after task {last}, which was never marked trained: its "
-                f"units are not protected. Call avalanche_hat.mark_task_trained(model, {last}) when a "
-                "task is done (the HATPlugin does it for you).",
-                stacklevel=4,
-            )
-        self._last_training_task = task_id
 
     # ------------------------------------------------------------------------ forgetting
     def forgettable_units(self, task_id: int) -> torch.Tensor:
@@ -216,8 +235,7 @@ class HATModule(nn.Module):
                 param.data[rows] = value[rows].to(param.dtype)
         self.hat_config.init_embedding_(self.mask_embedding.data[task_id])
         self.hat_trained[task_id] = False
-        if self._last_training_task == task_id:
-            self._last_training_task = None  # nothing of it is left to protect or to warn about
+        self.hat_stepped[task_id] = False  # forgotten: its steps no longer block other tasks
         return count
 
     def _fresh_parameters(self) -> dict:
@@ -238,8 +256,30 @@ class TaskIndexedModule(nn.Module):
     copies: nn.ModuleList
     hat_config: HATConfig
 
+    def __init__(self) -> None:
+        super().__init__()
+        guard.register(self)
+
+    def __getstate__(self):
+        d = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in d.items() if k != "_hat_guard"}
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        guard.register(self)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        guard.reset(self)
+
     def copy_index(self, task_id: int | None) -> int:
+        """The copy of ``task_id`` (``num_tasks`` for None). Every forward picks its copy here, so this
+        is also where the guard sees the forward: it restores what an optimizer outside torch.optim
+        wrote to the trained tasks' copies, and a training forward marks the copy as trained in this step."""
         self.hat_config.check_task_id(task_id)
+        guard.forward_start(self)
+        if self.training and torch.is_grad_enabled():
+            guard.record_copy(self, task_id)
         return self.hat_config.num_tasks if task_id is None else task_id
 
     def copy_for(self, task_id: int | None) -> nn.Module:

@@ -69,7 +69,7 @@ def load_plain_state_dict(hat_model: nn.Module, plain_state: dict, strict: bool 
             mapped[k] = v
     result = hat_model.load_state_dict(mapped, strict=False)
     if strict:
-        hat_only = ("mask_embedding", "hat_trained")
+        hat_only = ("mask_embedding", "hat_trained", "hat_stepped")
         missing = [k for k in result.missing_keys if not k.endswith(hat_only)]
         if missing or result.unexpected_keys:
             raise RuntimeError(

@@ -22,7 +22,7 @@ from ._base import check_hat_config
 
 _logger = logging.getLogger(__name__)
 
-HAT_STATE = ("mask_embedding", "hat_trained")  # state a plain checkpoint cannot provide
+HAT_STATE = ("mask_embedding", "hat_trained", "hat_stepped")  # state a plain checkpoint cannot provide
 _CFG_FIELDS = (
     "hf_hub_id", "url", "input_size", "test_input_size", "fixed_input_size", "interpolation", "crop_pct",
     "test_crop_pct", "crop_mode", "mean", "std", "num_classes", "pool_size", "first_conv", "classifier",

@@ -66,23 +66,30 @@ def check_hat_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse weight decay: it would move the weights HAT protects.
+def check_optimizer(optimizer) -> None:
+    """Refuse an optimizer whose steps HAT cannot see: one that is not a ``torch.optim.Optimizer``.
 
-    HAT protects earlier tasks by zeroing the gradient of the weights they own (Eq. 2). SGD's and
-    Adam's ``weight_decay`` (added to the gradient inside ``step``, after that) and the decoupled decay
-    of AdamW shrink every weight at every step, gradient or not, so earlier tasks would drift.
+    HAT keeps what the tasks already learned own bit-identical by construction: Eq. 2 zeroes their
+    gradients, and after every ``torch.optim.Optimizer`` step (subclasses and the inner optimizers
+    of a wrapper included) a global hook copies the owned entries back from a reference
+    (:mod:`avalanche_hat.guard`). So momentum or Adam moments from earlier tasks, weight decay
+    (SGD's, Adam's, AdamW's decoupled one, ASGD's built-in one) and state kept in inner optimizers
+    cannot move them, and any ``torch.optim`` optimizer is safe. An object that is not a
+    ``torch.optim.Optimizer`` runs no hook: its updates would be caught only at the next forward,
+    and not at all if it writes through ``.data``, so the strategy refuses it.
     """
-    for index, group in enumerate(optimizer.param_groups):
-        decay = group.get("weight_decay", 0.0)
-        if decay:
-            raise ValueError(
-                f"{type(optimizer).__name__} param group {index} has weight_decay={decay}: set "
-                "weight_decay=0. HAT protects earlier tasks by zeroing the gradients of the weights "
-                "they own, and weight decay would still move those weights (every step, whatever "
-                "the gradient), so earlier tasks would be forgotten. For a decay that respects "
-                "ownership, use HAT(..., weight_decay=...) / HATPlugin(weight_decay=...) instead."
-            )
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return
+    inner = [o for o in vars(optimizer).values() if isinstance(o, torch.optim.Optimizer)] \
+        if hasattr(optimizer, "__dict__") else []
+    raise TypeError(
+        f"{type(optimizer).__name__} is not a torch.optim.Optimizer: HAT keeps the tasks already learned "
+        "bit-identical by restoring what they own after every torch.optim.Optimizer step (a hook that "
+        f"{type(optimizer).__name__}'s step does not run), so its updates could move their weights. "
+        + ("Pass its inner torch.optim optimizer(s) instead, or " if inner else "")
+        + "Subclass torch.optim.Optimizer (a wrapper may keep inner optimizers: their steps run the hook) "
+        "or use a torch.optim optimizer."
+    )
 
 
 def check_plugins(plugins) -> None:
@@ -130,8 +137,11 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     - checks that each experience is one task the model has not learned yet (HAT needs task ids:
       a class-incremental stream, whose experiences all carry task label 0, is refused unless the
       model is a :class:`~avalanche_hat.training.HATClassIncrementalModel`, see below);
-    - refuses weight decay (``check_optimizer``) and resets the optimizer state (momentum, Adam
-      moments) at each experience, so that nothing moves weights whose gradient HAT zeroes;
+    - accepts any ``torch.optim.Optimizer`` (weight decay, momentum, Adam, ASGD, wrappers with
+      inner optimizers): after every optimizer step what the learned tasks own is restored
+      bit-identical (:mod:`avalanche_hat.guard`); other optimizer objects are refused
+      (``check_optimizer``). The optimizer state is still reset at each experience (a new task
+      starts without the previous one's momentum), but protection no longer depends on it;
     - refuses plugins that replay or forward earlier tasks in training mode (``check_plugins``:
       Replay, A-GEM, GEM, LwF, ...; HAT needs no replay), and any training minibatch that carries
       samples of a task other than the experience's;
@@ -167,7 +177,8 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             number of iterations.
         weight_decay: an L2 penalty that respects ownership: on the weights of HAT layers' output
             units that no earlier task owns and on the current task's head; owned units never
-            decay. 0 disables it.
+            decay. 0 disables it. (The optimizer's own ``weight_decay`` is safe too: what earlier
+            tasks own is restored after each step; this penalty leaves it out of the loss instead.)
         allow_task_revisit: train again on a task id that is already learned (it is then trained
             on its own units and what is free, every other task stays protected). Off by default,
             because a repeated task id usually means a class-incremental stream.
