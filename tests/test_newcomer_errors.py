@@ -1,0 +1,67 @@
+"""Mistakes a newcomer makes on inputs the other suites do not cover: each gets a clear error that
+says what to do (not an exception from deep inside torch), before anything learned changes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche_hat import HAT, HATConfig, capacity_report, convert, mark_task_trained
+
+from cifar_fixtures import TinyHATNet, exact_eval_metrics, tensor_benchmark
+
+pytestmark = [pytest.mark.filterwarnings("ignore:No loggers specified"), pytest.mark.usefixtures("one_thread")]
+
+
+def _hat(num_classes=2, num_tasks=2):
+    torch.manual_seed(0)
+    net = TinyHATNet(HATConfig(num_tasks=num_tasks, mask_init="normal"))
+    return HAT(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05), num_classes=num_classes,
+               train_mb_size=8, train_epochs=1, evaluator=exact_eval_metrics())
+
+
+def _global_class_ids_benchmark():
+    """Task labels, but class ids 0..3 over the stream (not restarting at 0 in each task)."""
+    from avalanche.benchmarks import nc_benchmark
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(8)
+    data = TensorDataset(torch.randn(len(y), 3, 8, 8, generator=g), y)
+    data.targets = y.tolist()
+    return nc_benchmark(data, data, n_experiences=2, task_labels=True, seed=0,
+                        class_ids_from_zero_in_each_exp=False)
+
+
+def test_class_ids_beyond_the_per_task_heads_are_refused_with_what_to_do():
+    benchmark = _global_class_ids_benchmark()
+    strategy = _hat(num_classes=2)
+    before = copy.deepcopy(strategy.model.state_dict())
+    experience = next(e for e in benchmark.train_stream if max(e.classes_in_this_experience) >= 2)
+    with pytest.raises(ValueError, match=r"outputs per task") as error:
+        strategy.train(experience)
+    message = str(error.value)
+    assert "class_ids_from_zero_in_each_exp=True" in message and "num_classes=4" in message
+    after = strategy.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # refused before any step
+
+
+def test_heads_wide_enough_for_global_class_ids_train_and_evaluate():
+    benchmark = _global_class_ids_benchmark()
+    strategy = _hat(num_classes=4)
+    for experience in benchmark.train_stream:
+        strategy.train(experience)
+    results = strategy.eval(benchmark.test_stream)
+    assert strategy.trained_tasks == [0, 1]
+    assert 0.0 <= results["Top1_Acc_Stream/eval_phase/test_stream/Task001"] <= 1.0
+
+
+def test_evaluating_on_class_ids_beyond_the_heads_is_refused_too():
+    strategy = _hat(num_classes=2)
+    strategy.train(tensor_benchmark(2).train_stream[0])
+    experience = next(e for e in _global_class_ids_benchmark().test_stream
+                      if max(e.classes_in_this_experience) >= 2)
+    with pytest.raises(ValueError, match=r"class labels 2\.\.3, but the model gives 2 outputs per task"):
+        strategy.eval([experience])
