@@ -65,3 +65,36 @@ def test_evaluating_on_class_ids_beyond_the_heads_is_refused_too():
                       if max(e.classes_in_this_experience) >= 2)
     with pytest.raises(ValueError, match=r"class labels 2\.\.3, but the model gives 2 outputs per task"):
         strategy.eval([experience])
+
+
+def _small_converted():
+    torch.manual_seed(0)
+    return convert(nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)), HATConfig(num_tasks=2))
+
+
+def test_capacity_report_before_any_task_is_a_well_formed_table():
+    lines = capacity_report(_small_converted()).to_markdown().splitlines()
+    columns = [line.count("|") for line in lines]
+    assert lines[0] == "| layer | units | owned | shared |"
+    assert len(set(columns)) == 1, f"rows with different column counts: {lines}"
+
+
+def test_capacity_report_refuses_task_ids_the_network_does_not_have():
+    net = _small_converted()
+    mark_task_trained(net, 0)
+    with pytest.raises(ValueError, match="out of range for HATConfig"):
+        capacity_report(net, tasks=[-1])  # would have reported task 1's masks under "task -1"
+    with pytest.raises(ValueError, match="out of range for HATConfig"):
+        capacity_report(net, tasks=[5])
+    with pytest.raises(TypeError, match="task ids"):
+        capacity_report(net, tasks=[None])
+    with pytest.raises(KeyError, match=r"capacity_report\(model, tasks="):
+        capacity_report(net).usage(1)
+    assert capacity_report(net, tasks=[0, 1]).usage(1) == 1.0  # dense start: every unit on
+
+
+def test_a_numpy_task_id_is_refused_with_what_to_do():
+    np = pytest.importorskip("numpy")
+    net = _small_converted().eval()
+    with pytest.raises(TypeError, match=r"got int64: pass int\(task_id\)"):
+        net(torch.randn(2, 12), task_id=np.int64(0))
