@@ -539,8 +539,10 @@ def _find_heads(model: nn.Module, heads, linear_calls: list[str]) -> dict[str, i
             found = [linear_calls[-1]]  # the last linear layer the forward calls
         if not found and num_classes:
             raise ConversionError(
-                f"{type(model).__name__} has no linear classifier to replace by {num_classes}-class per-task heads: "
-                "pass heads='<name of the classifier module>'"
+                f"{type(model).__name__} has no linear classifier to replace by {num_classes}-class per-task heads "
+                "(per-task heads replace an nn.Linear): make the model end in an nn.Linear classifier (for a "
+                "convolutional classifier: global pooling, flatten and nn.Linear), or name the nn.Linear that is "
+                "the classifier with heads='<module name>'"
             )
         return {n: num_classes for n in found}
     if isinstance(heads, str):
@@ -555,7 +557,12 @@ def _find_heads(model: nn.Module, heads, linear_calls: list[str]) -> dict[str, i
         except AttributeError:
             raise ConversionError(f"heads names {name!r}, which is not a module of {type(model).__name__}") from None
         if not isinstance(m, nn.Linear):
-            raise ConversionError(f"the classifier {name!r} is a {type(m).__name__}: per-task heads replace nn.Linear layers")
+            raise ConversionError(
+                f"the classifier {name!r} is a {type(m).__name__}: per-task heads replace nn.Linear layers. Replace "
+                f"it in the model by an nn.Linear classifier (after global pooling and flatten for a convolutional "
+                f"one), or pass heads=() to keep it as a HAT layer that all tasks share (once earlier tasks own its "
+                f"units, later tasks cannot change them)"
+            )
     return dict(heads)
 
 
@@ -712,7 +719,16 @@ def convert(model: nn.Module, hat_config: HATConfig, *, heads=None, leaf_modules
     new_graphs["plain"] = graphs["eval"]  # the traced original, for export_task
     new_graphs["plain"]._tracer_cls = None  # a class local to convert: the graph pickles without it
     if not any(k == "hat" for k in kinds.values()):
-        raise ConversionError(f"{type(model).__name__} has no linear or convolutional layer to put a HAT mask on")
+        heads_part = f" besides its classifier ({', '.join(head_spec)})" if head_spec else ""
+        copies = [f"{n} ({type(model.get_submodule(n).copies[-1]).__name__})" for n, k in kinds.items()
+                  if k == "copies"]
+        kept = f"; these parts would only be copied per task, without masks: {', '.join(copies)}" if copies else ""
+        raise ConversionError(
+            f"{type(model).__name__} has no linear or convolutional layer{heads_part} to put a HAT mask on{kept}. "
+            "HAT masks the units of nn.Linear and nn.Conv1d/2d/3d layers: give the model at least one such "
+            "layer before its classifier (for a recurrent or embedding model, for example an nn.Linear on its "
+            "features)"
+        )
     return HATConvertedNetwork(model, new_graphs, hat_config, report, list(head_spec), num_classes, num_features, kinds)
 
 

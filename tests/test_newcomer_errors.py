@@ -98,3 +98,35 @@ def test_a_numpy_task_id_is_refused_with_what_to_do():
     net = _small_converted().eval()
     with pytest.raises(TypeError, match=r"got int64: pass int\(task_id\)"):
         net(torch.randn(2, 12), task_id=np.int64(0))
+
+
+class _LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.lstm, self.head = nn.Embedding(50, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        hidden, _ = self.lstm(self.embedding(tokens))
+        return self.head(hidden[:, -1])
+
+
+def test_a_model_with_no_layer_to_mask_besides_its_classifier_is_refused_with_what_to_do():
+    from avalanche_hat import ConversionError
+
+    with pytest.raises(ConversionError) as error:
+        convert(_LSTMClassifier(), HATConfig(num_tasks=2))
+    message = str(error.value)
+    assert "besides its classifier (head)" in message  # it has a linear layer: the classifier
+    assert "lstm (LSTM)" in message and "embedding (Embedding)" in message
+    assert "give the model at least one such layer" in message
+
+
+def test_a_convolutional_classifier_is_refused_with_what_to_do():
+    from avalanche_hat import ConversionError
+
+    torchvision = pytest.importorskip("torchvision")
+    squeezenet = torchvision.models.squeezenet1_1(num_classes=3)  # its classifier is a 1x1 Conv2d
+    with pytest.raises(ConversionError, match="global pooling, flatten and nn.Linear"):
+        convert(squeezenet, HATConfig(num_tasks=2), heads=3)
+    with pytest.raises(ConversionError, match=r"global pooling and flatten .* or pass heads=\(\)"):
+        convert(squeezenet, HATConfig(num_tasks=2), heads="classifier.1")
