@@ -130,3 +130,47 @@ def test_a_convolutional_classifier_is_refused_with_what_to_do():
         convert(squeezenet, HATConfig(num_tasks=2), heads=3)
     with pytest.raises(ConversionError, match=r"global pooling and flatten .* or pass heads=\(\)"):
         convert(squeezenet, HATConfig(num_tasks=2), heads="classifier.1")
+
+
+# --------------------------------------------------------------- timm models made with num_classes=0
+def test_a_timm_feature_model_gets_no_head_taken_from_inside_it():
+    """vit(num_classes=0) has no classifier: the last MLP layer of its last block is not one."""
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            depth=2)
+    net = convert(vit, HATConfig(num_tasks=2)).eval()
+    assert net.hat_report.heads == []
+    assert "blocks.1.mlp.fc2" in net.hat_report.hat_layers
+    assert net.num_features == 192
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32), task_id=0).shape == (2, 192)
+
+
+def test_heads_int_on_a_timm_feature_model_is_refused_with_what_to_do():
+    from avalanche_hat import ConversionError
+
+    timm = pytest.importorskip("timm")
+    with pytest.raises(ConversionError, match=r"returns features .* heads=\(\)"):
+        convert(timm.create_model("resnet10t", pretrained=False, num_classes=0), HATConfig(num_tasks=2), heads=2)
+
+
+def test_hat_strategy_adds_per_task_heads_on_a_timm_feature_model_as_documented():
+    """docs/how-to/your-own-model.md: HAT(model=timm.create_model(..., num_classes=0), hat_config=...,
+    num_classes=2) adds a per-task head on the features."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    strategy = HAT(model=model, hat_config=HATConfig(num_tasks=2, mask_init="normal"), num_classes=2,
+                   optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=8, train_epochs=1,
+                   evaluator=exact_eval_metrics())
+    benchmark = tensor_benchmark(2, size=32)
+    x = torch.stack([benchmark.test_stream[0].dataset[i][0] for i in range(8)])
+    strategy.train(benchmark.train_stream[0])
+    with torch.no_grad():
+        before = strategy.model.eval()(x, torch.zeros(len(x), dtype=torch.long))
+    strategy.train(benchmark.train_stream[1])
+    with torch.no_grad():
+        after = strategy.model.eval()(x, torch.zeros(len(x), dtype=torch.long))
+    assert before.shape == (8, 2)
+    assert torch.equal(before, after)
+    assert strategy.trained_tasks == [0, 1]

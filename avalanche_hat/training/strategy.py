@@ -225,7 +225,7 @@ def _convert_plain_model(model: nn.Module, optimizer: Optimizer, num_classes, ha
     """A plain model (no HAT layer) converted with :func:`avalanche_hat.convert` (its weights are every
     task's starting point; ``num_classes`` sets the per-task heads' width), and the optimizer pointed
     at the converted network's parameters. A HAT network or HAT multi-task model passes as it is."""
-    from ..converter import convert
+    from ..converter import convert, has_no_classifier
     from ..network import hat_modules
 
     inner = unwrap_model(model)
@@ -247,10 +247,11 @@ def _convert_plain_model(model: nn.Module, optimizer: Optimizer, num_classes, ha
             "parameters); or convert first: net = avalanche_hat.convert(model, hat_config) and build the "
             "optimizer on net.parameters()"
         )
-    net = convert(model, hat_config, heads=num_classes)
+    features_only = num_classes is not None and has_no_classifier(model)  # timm's num_classes=0
+    net = convert(model, hat_config, heads=() if features_only else num_classes)
     optimizer.param_groups[0]["params"] = list(net.parameters())
     optimizer.state.clear()
-    return net, None
+    return net, (num_classes if features_only else None)  # features: HATMultiTaskModel adds the heads
 
 
 def _distributed_plugin(distributed) -> Optional[DistributedHATPlugin]:
