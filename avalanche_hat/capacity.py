@@ -25,6 +25,11 @@ class CapacityReport:
 
     def usage(self, task_id: int) -> float:
         """Share of all masked units (unit-weighted over layers) that ``task_id`` uses."""
+        if task_id not in self.tasks:
+            raise KeyError(
+                f"task {task_id!r} is not in this report (tasks {self.tasks}): "
+                f"build it with capacity_report(model, tasks=[..., {task_id!r}])"
+            )
         total = sum(layer.units for layer in self.layers)
         return sum(layer.usage[task_id] * layer.units for layer in self.layers) / total
 
@@ -38,21 +43,19 @@ class CapacityReport:
         return 1.0 - self.owned
 
     def to_markdown(self) -> str:
-        head = "| layer | units | " + " | ".join(f"task {t}" for t in self.tasks) + " | owned | shared |"
-        rule = "|---|---:|" + "---:|" * (len(self.tasks) + 2)
-        rows = [
-            f"| {layer.name} | {layer.units} | "
-            + " | ".join(f"{100 * layer.usage[t]:.1f}%" for t in self.tasks)
-            + f" | {100 * layer.owned:.1f}% | {100 * layer.shared:.1f}% |"
-            for layer in self.layers
-        ]
+        def row(cells):
+            return "| " + " | ".join(str(c) for c in cells) + " |"
+
+        tasks = [f"task {t}" for t in self.tasks]
+        lines = [row(["layer", "units", *tasks, "owned", "shared"]), "|---|" + "---:|" * (len(tasks) + 3)]
+        for layer in self.layers:
+            usage = [f"{100 * layer.usage[t]:.1f}%" for t in self.tasks]
+            lines.append(row([layer.name, layer.units, *usage, f"{100 * layer.owned:.1f}%", f"{100 * layer.shared:.1f}%"]))
         total = sum(layer.units for layer in self.layers)
         shared = sum(layer.shared * layer.units for layer in self.layers) / total
-        rows.append(
-            f"| **all** | {total} | " + " | ".join(f"{100 * self.usage(t):.1f}%" for t in self.tasks)
-            + f" | {100 * self.owned:.1f}% | {100 * shared:.1f}% |"
-        )
-        return "\n".join([head, rule, *rows])
+        usage = [f"{100 * self.usage(t):.1f}%" for t in self.tasks]
+        lines.append(row(["**all**", total, *usage, f"{100 * self.owned:.1f}%", f"{100 * shared:.1f}%"]))
+        return "\n".join(lines)
 
     __str__ = to_markdown
 
@@ -68,6 +71,10 @@ def capacity_report(module: nn.Module, tasks: list[int] | None = None) -> Capaci
         raise ValueError(f"{type(module).__name__} has no HAT layers")
     trained = layers[0][1].hat_trained.nonzero().flatten().tolist()
     tasks = trained if tasks is None else list(tasks)
+    for t in tasks:
+        if t is None:
+            raise TypeError("capacity_report takes task ids (ints); None (the plain network) has no masks")
+        layers[0][1].hat_config.check_task_id(t)
     report = CapacityReport(tasks=tasks)
     for name, layer in layers:
         masks = (layer.mask_embedding > 0).float()

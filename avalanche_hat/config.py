@@ -55,7 +55,8 @@ class HATConfig:
                 "(avalanche_hat.training.HATMultiTaskModel does) and pass int(task_id)"
             )
         if not isinstance(task_id, int) or isinstance(task_id, bool):
-            raise TypeError(f"task_id must be an int or None, got {type(task_id).__name__}")
+            hint = ": pass int(task_id)" if hasattr(task_id, "__index__") else ""
+            raise TypeError(f"task_id must be an int or None, got {type(task_id).__name__}{hint}")
         if not 0 <= task_id < self.num_tasks:
             raise ValueError(
                 f"task_id {task_id} is out of range for HATConfig(num_tasks={self.num_tasks}): "

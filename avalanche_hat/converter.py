@@ -513,6 +513,20 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(owner, attr, module)
 
 
+def has_no_classifier(model: nn.Module) -> bool:
+    """True when the model says it returns features: timm's ``get_classifier()`` is an ``nn.Identity``
+    (``num_classes=0``) or holds no ``nn.Linear``. Then no other linear layer is taken for its head."""
+    get = getattr(model, "get_classifier", None)
+    if not callable(get):
+        return False
+    try:
+        cls = get()
+    except Exception:  # pragma: no cover - a model's own method failing
+        return False
+    parts = [m for m in (cls if isinstance(cls, (tuple, list)) else (cls,)) if isinstance(m, nn.Module)]
+    return bool(parts) and not any(isinstance(s, nn.Linear) for m in parts for s in m.modules())
+
+
 def _find_heads(model: nn.Module, heads, linear_calls: list[str]) -> dict[str, int | None]:
     """``{qualified name: classes per task (None: the model's own)}`` for the classifier(s)."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -535,12 +549,22 @@ def _find_heads(model: nn.Module, heads, linear_calls: list[str]) -> dict[str, i
                 elif isinstance(m, nn.Module) and not isinstance(m, nn.Identity):
                     lin = [names[id(s)] for s in m.modules() if isinstance(s, nn.Linear)]
                     found += lin[-1:]
-        if not found and linear_calls:
+        if not found and linear_calls and not has_no_classifier(model):
             found = [linear_calls[-1]]  # the last linear layer the forward calls
+        if not found and num_classes and has_no_classifier(model):
+            raise ConversionError(
+                f"{type(model).__name__} returns features (its classifier is {type(model.get_classifier()).__name__}, "
+                f"timm's num_classes=0), so there is no classifier to replace by {num_classes}-class per-task heads: "
+                "convert with heads=() and add the heads on the features (HATMultiTaskModel(net, num_classes=...), "
+                "or HAT(model=..., hat_config=..., num_classes=...) does both), or create the model with "
+                "num_classes > 0"
+            )
         if not found and num_classes:
             raise ConversionError(
-                f"{type(model).__name__} has no linear classifier to replace by {num_classes}-class per-task heads: "
-                "pass heads='<name of the classifier module>'"
+                f"{type(model).__name__} has no linear classifier to replace by {num_classes}-class per-task heads "
+                "(per-task heads replace an nn.Linear): make the model end in an nn.Linear classifier (for a "
+                "convolutional classifier: global pooling, flatten and nn.Linear), or name the nn.Linear that is "
+                "the classifier with heads='<module name>'"
             )
         return {n: num_classes for n in found}
     if isinstance(heads, str):
@@ -555,7 +579,12 @@ def _find_heads(model: nn.Module, heads, linear_calls: list[str]) -> dict[str, i
         except AttributeError:
             raise ConversionError(f"heads names {name!r}, which is not a module of {type(model).__name__}") from None
         if not isinstance(m, nn.Linear):
-            raise ConversionError(f"the classifier {name!r} is a {type(m).__name__}: per-task heads replace nn.Linear layers")
+            raise ConversionError(
+                f"the classifier {name!r} is a {type(m).__name__}: per-task heads replace nn.Linear layers. Replace "
+                f"it in the model by an nn.Linear classifier (after global pooling and flatten for a convolutional "
+                f"one), or pass heads=() to keep it as a HAT layer that all tasks share (once earlier tasks own its "
+                f"units, later tasks cannot change them)"
+            )
     return dict(heads)
 
 
@@ -611,6 +640,7 @@ def convert(model: nn.Module, hat_config: HATConfig, *, heads=None, leaf_modules
                 attrs.append(node.target)
     linear_calls = [n for n in called if isinstance(model.get_submodule(n), nn.Linear)]
     head_spec = _find_heads(model, heads, linear_calls)
+    features_width = getattr(model, "num_features", None) if has_no_classifier(model) else None
 
     # Replace the modules (by qualified name; the graphs refer to them by name).
     kinds: dict[str, str] = {}
@@ -708,11 +738,22 @@ def convert(model: nn.Module, hat_config: HATConfig, *, heads=None, leaf_modules
             report.add(pname, f"Parameter{tuple(p.shape)}", "frozen (the forward never reads it)")
     if not head_spec:
         report.notes.append("no classifier: the network returns the model's output (features) for every task")
+        if isinstance(features_width, int) and not isinstance(features_width, bool):
+            num_features = features_width  # timm's width of the features it returns
     new_graphs = {mode: _rewrite(g, model, kinds) for mode, g in graphs.items()}
     new_graphs["plain"] = graphs["eval"]  # the traced original, for export_task
     new_graphs["plain"]._tracer_cls = None  # a class local to convert: the graph pickles without it
     if not any(k == "hat" for k in kinds.values()):
-        raise ConversionError(f"{type(model).__name__} has no linear or convolutional layer to put a HAT mask on")
+        heads_part = f" besides its classifier ({', '.join(head_spec)})" if head_spec else ""
+        copies = [f"{n} ({type(model.get_submodule(n).copies[-1]).__name__})" for n, k in kinds.items()
+                  if k == "copies"]
+        kept = f"; these parts would only be copied per task, without masks: {', '.join(copies)}" if copies else ""
+        raise ConversionError(
+            f"{type(model).__name__} has no linear or convolutional layer{heads_part} to put a HAT mask on{kept}. "
+            "HAT masks the units of nn.Linear and nn.Conv1d/2d/3d layers: give the model at least one such "
+            "layer before its classifier (for a recurrent or embedding model, for example an nn.Linear on its "
+            "features)"
+        )
     return HATConvertedNetwork(model, new_graphs, hat_config, report, list(head_spec), num_classes, num_features, kinds)
 
 

@@ -176,6 +176,16 @@ class HAT(SupervisedTemplate):
             **base_kwargs,
         )
 
+    # Before anything runs on an experience (BatchNorm statistics included): class labels beyond the
+    # per-task heads would otherwise fail inside cross entropy ("IndexError: Target 2 is out of bounds").
+    def _before_training_exp(self, **kwargs):
+        check_labels_fit_the_heads(self.experience, self.model)
+        super()._before_training_exp(**kwargs)
+
+    def _before_eval_exp(self, **kwargs):
+        check_labels_fit_the_heads(self.experience, self.model)
+        super()._before_eval_exp(**kwargs)
+
     @property
     def trained_tasks(self) -> list[int]:
         """The task ids learned so far (protected from now on)."""
@@ -191,11 +201,31 @@ class HAT(SupervisedTemplate):
         return state
 
 
+def check_labels_fit_the_heads(experience, model: nn.Module) -> None:
+    """Raise a clear error when the experience's class labels do not fit the per-task heads of a
+    :class:`HATMultiTaskModel` (the usual cause: a task-incremental benchmark whose class ids do not
+    restart at 0 in each task)."""
+    inner = unwrap_model(model)
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if not isinstance(inner, HATMultiTaskModel) or not classes:
+        return
+    width, low, high = inner.num_classes, min(int(c) for c in classes), max(int(c) for c in classes)
+    if low >= 0 and high < width:
+        return
+    raise ValueError(
+        f"experience {getattr(experience, 'current_experience', '?')} has class labels {low}..{high}, but the "
+        f"model gives {width} outputs per task: HAT has one head per task, whose classes are numbered from 0. "
+        "Number each task's classes from 0 (nc_benchmark(..., task_labels=True, "
+        "class_ids_from_zero_in_each_exp=True); the classic benchmarks do it with return_task_id=True), "
+        f"or make every head wider (num_classes={high + 1})"
+    )
+
+
 def _convert_plain_model(model: nn.Module, optimizer: Optimizer, num_classes, hat_config):
     """A plain model (no HAT layer) converted with :func:`avalanche_hat.convert` (its weights are every
     task's starting point; ``num_classes`` sets the per-task heads' width), and the optimizer pointed
     at the converted network's parameters. A HAT network or HAT multi-task model passes as it is."""
-    from ..converter import convert
+    from ..converter import convert, has_no_classifier
     from ..network import hat_modules
 
     inner = unwrap_model(model)
@@ -217,10 +247,11 @@ def _convert_plain_model(model: nn.Module, optimizer: Optimizer, num_classes, ha
             "parameters); or convert first: net = avalanche_hat.convert(model, hat_config) and build the "
             "optimizer on net.parameters()"
         )
-    net = convert(model, hat_config, heads=num_classes)
+    features_only = num_classes is not None and has_no_classifier(model)  # timm's num_classes=0
+    net = convert(model, hat_config, heads=() if features_only else num_classes)
     optimizer.param_groups[0]["params"] = list(net.parameters())
     optimizer.state.clear()
-    return net, None
+    return net, (num_classes if features_only else None)  # features: HATMultiTaskModel adds the heads
 
 
 def _distributed_plugin(distributed) -> Optional[DistributedHATPlugin]:
