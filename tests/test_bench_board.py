@@ -91,7 +91,7 @@ def test_tasks_implies_permuted_fmnist_and_sizes_the_budget():
     assert args.benchmark == "pfmnist" and args.tasks == 50
     assert args.train_per_task * 50 <= 30000 and args.test_per_task >= 100
     args, _ = _resolved(["--benchmark", "pfmnist"])
-    assert args.tasks == 10 and args.epochs == 2
+    assert args.tasks == 10 and args.epochs == 10
     with pytest.raises(SystemExit):
         cli.main(["--benchmark", "fmnist", "--tasks", "20"])
     with pytest.raises(SystemExit):
