@@ -135,8 +135,8 @@ def test_permuted_fmnist_is_one_fixed_permutation_per_task(tiny_fmnist):
 def test_permuted_command_evaluates_seen_tasks_and_records_costs(tiny_fmnist, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["--data-root", str(tiny_fmnist), "--tasks", "2", "--train-per-task", "100",
-                     "--test-per-task", "50", "--methods", "HAT", "Naive", "--no-progress", "--no-forgetting",
-                     "--out", str(out)]) == 0
+                     "--test-per-task", "50", "--methods", "HAT", "Naive", "--epochs", "2", "--no-progress",
+                     "--no-forgetting", "--out", str(out)]) == 0
     data = json.loads((out / "pfmnist.json").read_text())
     for run in data["runs"]:
         assert run["accuracy_matrix"][0][1] is None  # task 1 not learned yet: not evaluated
