@@ -91,7 +91,7 @@ def test_tasks_implies_permuted_fmnist_and_sizes_the_budget():
     assert args.benchmark == "pfmnist" and args.tasks == 50
     assert args.train_per_task * 50 <= 30000 and args.test_per_task >= 100
     args, _ = _resolved(["--benchmark", "pfmnist"])
-    assert args.tasks == 10 and args.epochs == 2
+    assert args.tasks == 10 and args.epochs == 10
     with pytest.raises(SystemExit):
         cli.main(["--benchmark", "fmnist", "--tasks", "20"])
     with pytest.raises(SystemExit):
@@ -135,8 +135,8 @@ def test_permuted_fmnist_is_one_fixed_permutation_per_task(tiny_fmnist):
 def test_permuted_command_evaluates_seen_tasks_and_records_costs(tiny_fmnist, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["--data-root", str(tiny_fmnist), "--tasks", "2", "--train-per-task", "100",
-                     "--test-per-task", "50", "--methods", "HAT", "Naive", "--no-progress", "--no-forgetting",
-                     "--out", str(out)]) == 0
+                     "--test-per-task", "50", "--methods", "HAT", "Naive", "--epochs", "2", "--no-progress",
+                     "--no-forgetting", "--out", str(out)]) == 0
     data = json.loads((out / "pfmnist.json").read_text())
     for run in data["runs"]:
         assert run["accuracy_matrix"][0][1] is None  # task 1 not learned yet: not evaluated

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mlp, cnn, or a timm family of avalanche_hat.timm_models (hat_X and cl_X), e.g. alexnet")
     g.add_argument("--width", type=int, default=None, help="hidden width of mlp (default 400) / cnn (default 256)")
     g.add_argument("--epochs", type=int, default=None,
-                   help="epochs per task (default: 3; pfmnist: 2; PackNet needs >= 2)")
+                   help="epochs per task (default: 3; pfmnist: 10; PackNet needs >= 2)")
     g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="training batch size")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default=DEFAULTS["optimizer"],
                    help="sgd has momentum 0.9; the state is reset at every task for every method")
