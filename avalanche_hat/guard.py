@@ -144,6 +144,11 @@ def register(module: nn.Module) -> None:
     _MODULES.add(module)
 
 
+def without_guard(pickled: dict) -> dict:
+    """A module's pickled state without its guard: the reference is re-derived after unpickling."""
+    return {k: v for k, v in pickled.items() if k != "_hat_guard"}
+
+
 def reset(module: nn.Module) -> None:
     """Forget the derived state (after ``load_state_dict`` or unpickling): re-derived when needed."""
     module.__dict__["_hat_guard"] = _Guard()

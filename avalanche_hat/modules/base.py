@@ -67,8 +67,7 @@ class HATModule(nn.Module):
         guard.reset(self)
 
     def __getstate__(self):
-        d = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in d.items() if k != "_hat_guard"}
+        return guard.without_guard(super().__getstate__())
 
     def __setstate__(self, d):
         super().__setstate__(d)
@@ -261,8 +260,7 @@ class TaskIndexedModule(nn.Module):
         guard.register(self)
 
     def __getstate__(self):
-        d = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in d.items() if k != "_hat_guard"}
+        return guard.without_guard(super().__getstate__())
 
     def __setstate__(self, d):
         super().__setstate__(d)
