@@ -39,6 +39,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .mechanism import fused
+
 # Every live HAT layer and task-indexed layer (for the optimizer hook's parameter map).
 _MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # Tasks locked by an open ``locked_tasks`` block, and tasks trained together in a ``joint_training`` block.
@@ -117,7 +119,7 @@ class _Guard:
     dropped when the layer is pickled or copied, re-derived when needed)."""
 
     __slots__ = ("reference", "ref_tasks", "cache", "step_tasks", "step_locked", "step_in_owned", "closed",
-                 "versions", "flags", "anchor")
+                 "versions", "flags", "anchor", "valid")
 
     def __init__(self) -> None:
         self.reference: dict | None = None
@@ -130,6 +132,7 @@ class _Guard:
         self.versions = None
         self.flags: dict = {}
         self.anchor = None
+        self.valid = False  # the reference was checked against the layer's tensors since they last moved
 
 
 def state(module: nn.Module) -> _Guard:
@@ -147,6 +150,14 @@ def register(module: nn.Module) -> None:
 def without_guard(pickled: dict) -> dict:
     """A module's pickled state without its guard: the reference is re-derived after unpickling."""
     return {k: v for k, v in pickled.items() if k != "_hat_guard"}
+
+
+def moved(module: nn.Module) -> None:
+    """The layer's tensors were converted or moved (``.to()``, ``.double()``, ...): check the
+    reference against them again (and re-derive it if they no longer match) before the next step."""
+    g = state(module)
+    g.valid = False
+    g.cache = {}
 
 
 def reset(module: nn.Module) -> None:
@@ -345,7 +356,17 @@ def _reference_matches(module, g) -> bool:
 
 
 def _copy_tensors(module, tasks: frozenset) -> list:
-    """``(tensor, name)`` of what ``tasks`` own in a task-indexed layer: their copies' parameters and buffers."""
+    """What ``tasks`` own in a task-indexed layer: their copies' parameters and buffers (cached while
+    the copies are the same objects and the layer has not moved)."""
+    g = state(module)
+    key = ("copies", tasks, tuple(id(module.copies[t]) for t in sorted(tasks) if t < len(module.copies) - 1))
+    cached = g.cache.get(key)
+    if cached is None:
+        cached = g.cache[key] = _list_copy_tensors(module, tasks)
+    return cached
+
+
+def _list_copy_tensors(module, tasks: frozenset) -> list:
     out = []
     for t in sorted(tasks):
         if t >= len(module.copies) - 1:
@@ -365,7 +386,8 @@ def ensure_reference(module, tasks: frozenset) -> None:
     if not tasks:
         return
     g = state(module)
-    if tasks <= g.ref_tasks and _reference_matches(module, g):
+    if tasks <= g.ref_tasks and (g.valid or _reference_matches(module, g)):
+        g.valid = True
         return
     if _is_hat(module):
         g.reference = {n: t.detach().clone() for n, t in
@@ -375,6 +397,7 @@ def ensure_reference(module, tasks: frozenset) -> None:
         g.reference = {t: [x.detach().clone() for x in _copy_tensors(module, frozenset([t]))] for t in tasks}
     g.ref_tasks = frozenset(tasks)
     g.cache = {}
+    g.valid = True
     g.versions = _versions(module)
 
 
@@ -412,8 +435,8 @@ def _restore_hat(layer, g, tasks: frozenset) -> None:
     if cached is None:
         rows = torch.tensor(sorted(tasks), device=emb.device)
         out_owned = (ref_emb.index_select(0, rows) > 0).any(0)
-        cached = g.cache[tasks] = [rows, out_owned, bool(out_owned.any()), _UNSET, None]
-    rows, out_owned, any_owned, seen_in, condition = cached
+        cached = g.cache[tasks] = [rows, out_owned, bool(out_owned.any()), _UNSET, None, None]
+    rows, out_owned, any_owned, seen_in, condition, spans = cached
     emb.index_copy_(0, rows, ref_emb.index_select(0, rows))
     if not any_owned:
         return
@@ -436,9 +459,38 @@ def _restore_hat(layer, g, tasks: frozenset) -> None:
                 inputs = inputs.expand(weight.shape[0], -1)
             condition = condition & inputs.reshape(weight.shape[0], -1, *trailing)
         cached[3], cached[4] = (None if in_owned is None else in_owned.clone()), condition
-    torch.where(condition, ref["weight"], weight, out=weight)
+    kernels = fused.usable(weight, ref["weight"]) if groups == 1 else None
+    if kernels is not None:
+        # Only the owned rows are visited, and only entries whose bits differ are written (the
+        # common case, zero gradients and no optimizer state there, writes nothing).
+        if spans is None or spans[0] is not condition:  # built once per condition, as the condition is
+            spans = cached[5] = (condition, *_owned_spans(out_owned, in_owned, weight))
+        kernels.restore_rows(weight, ref["weight"], spans[1], spans[2])
+    else:
+        torch.where(condition, ref["weight"], weight, out=weight)
     if layer.bias is not None:
         torch.where(out_owned, ref["bias"], layer.bias, out=layer.bias)
+
+
+def _owned_spans(out_owned: torch.Tensor, in_owned: torch.Tensor | None, weight: torch.Tensor):
+    """The restore kernel's form of the protected entries of a ``groups == 1`` weight: the owned
+    output rows, and the columns of the ``(out, in * kernel)`` view whose input unit is owned (an
+    empty vector: every column, when the input ownership is unknown or all owned)."""
+    rows = out_owned.nonzero().flatten().to(torch.long).contiguous()
+    empty = torch.empty(0, dtype=torch.long)
+    if in_owned is None:
+        return rows, empty
+    inputs = (in_owned > 0).flatten()
+    if bool(inputs.all()):
+        return rows, empty
+    if not bool(inputs.any()):
+        return rows[:0], empty
+    per_unit = 1
+    for size in weight.shape[2:]:
+        per_unit *= size
+    units = inputs.nonzero().flatten().to(torch.long)
+    cols = (units.unsqueeze(1) * per_unit + torch.arange(per_unit, dtype=torch.long)).flatten().contiguous()
+    return rows, cols
 
 
 # ------------------------------------------------------------------------------ optimizer hooks
