@@ -430,46 +430,62 @@ def restore(module, tasks: frozenset, after_step: bool = True) -> None:
 
 def _restore_hat(layer, g, tasks: frozenset) -> None:
     ref = g.reference
-    emb, ref_emb = layer.mask_embedding, ref["mask_embedding"]
+    emb, ref_emb, weight, bias = layer.mask_embedding, ref["mask_embedding"], layer.weight, layer.bias
     cached = g.cache.get(tasks)
     if cached is None:
-        rows = torch.tensor(sorted(tasks), device=emb.device)
+        rows = torch.tensor(sorted(tasks), device=emb.device, dtype=torch.long)
         out_owned = (ref_emb.index_select(0, rows) > 0).any(0)
-        cached = g.cache[tasks] = [rows, out_owned, bool(out_owned.any()), _UNSET, None, None]
-    rows, out_owned, any_owned, seen_in, condition, spans = cached
-    emb.index_copy_(0, rows, ref_emb.index_select(0, rows))
-    if not any_owned:
-        return
-    weight = layer.weight
-    in_owned = g.step_in_owned
+        cached = g.cache[tasks] = {"tasks": rows, "out": out_owned, "any": bool(out_owned.any()),
+                                   "out_rows": out_owned.nonzero().flatten().to(torch.long),
+                                   "in": _UNSET, "where": None, "spans": None}
     groups = getattr(layer, "groups", 1)
+    kernels = fused.usable(weight, ref["weight"]) if groups == 1 and fused.usable(emb, ref_emb) else None
+    if kernels is not None:
+        kernels.restore_rows(emb, ref_emb, cached["tasks"], _NO_COLUMNS)
+    else:
+        emb.index_copy_(0, cached["tasks"], ref_emb.index_select(0, cached["tasks"]))
+    if not cached["any"]:
+        return
+    out_owned = cached["out"]
+    in_owned = g.step_in_owned
     if in_owned is _UNSET or (in_owned is not None and in_owned.numel() != weight.shape[1] * groups):
         in_owned = None
-    # The entries Eq. 2 protects: owned output units, where their input is owned (kernel dims broadcast).
-    # The same every step while the protected tasks and the input ownership stay: built once.
-    if condition is None or not (seen_in is in_owned or (
-            seen_in is not None and in_owned is not None and torch.equal(seen_in, in_owned))):
-        trailing = (1,) * (weight.ndim - 2)
-        condition = out_owned.view(-1, 1, *trailing)
-        if in_owned is not None:
-            inputs = (in_owned > 0).view(groups, -1)
-            if groups > 1:
-                inputs = inputs.repeat_interleave(weight.shape[0] // groups, dim=0)
-            else:
-                inputs = inputs.expand(weight.shape[0], -1)
-            condition = condition & inputs.reshape(weight.shape[0], -1, *trailing)
-        cached[3], cached[4] = (None if in_owned is None else in_owned.clone()), condition
-    kernels = fused.usable(weight, ref["weight"]) if groups == 1 else None
+    # The entries Eq. 2 protects: owned output units, where their input is owned (kernel dims
+    # broadcast). The same every step while the protected tasks and the input ownership stay: built once.
+    seen = cached["in"]
+    if not (seen is in_owned or (seen is not _UNSET and seen is not None and in_owned is not None
+                                 and torch.equal(seen, in_owned))):
+        cached["in"] = None if in_owned is None else in_owned.clone()
+        cached["where"] = cached["spans"] = None
     if kernels is not None:
         # Only the owned rows are visited, and only entries whose bits differ are written (the
         # common case, zero gradients and no optimizer state there, writes nothing).
-        if spans is None or spans[0] is not condition:  # built once per condition, as the condition is
-            spans = cached[5] = (condition, *_owned_spans(out_owned, in_owned, weight))
-        kernels.restore_rows(weight, ref["weight"], spans[1], spans[2])
+        if cached["spans"] is None:
+            cached["spans"] = _owned_spans(out_owned, in_owned, weight)
+        rows, cols = cached["spans"]
+        kernels.restore_rows(weight, ref["weight"], rows, cols)
+        if bias is not None and fused.usable(bias, ref["bias"]) is not None:
+            kernels.restore_rows(bias, ref["bias"], cached["out_rows"], _NO_COLUMNS)
+            return
     else:
+        condition = cached["where"]
+        if condition is None:
+            trailing = (1,) * (weight.ndim - 2)
+            condition = out_owned.view(-1, 1, *trailing)
+            if in_owned is not None:
+                inputs = (in_owned > 0).view(groups, -1)
+                if groups > 1:
+                    inputs = inputs.repeat_interleave(weight.shape[0] // groups, dim=0)
+                else:
+                    inputs = inputs.expand(weight.shape[0], -1)
+                condition = condition & inputs.reshape(weight.shape[0], -1, *trailing)
+            cached["where"] = condition
         torch.where(condition, ref["weight"], weight, out=weight)
-    if layer.bias is not None:
-        torch.where(out_owned, ref["bias"], layer.bias, out=layer.bias)
+    if bias is not None:
+        torch.where(out_owned, ref["bias"], bias, out=bias)
+
+
+_NO_COLUMNS = torch.empty(0, dtype=torch.long)  # restore_rows: every column of the rows
 
 
 def _owned_spans(out_owned: torch.Tensor, in_owned: torch.Tensor | None, weight: torch.Tensor):
@@ -477,7 +493,7 @@ def _owned_spans(out_owned: torch.Tensor, in_owned: torch.Tensor | None, weight:
     output rows, and the columns of the ``(out, in * kernel)`` view whose input unit is owned (an
     empty vector: every column, when the input ownership is unknown or all owned)."""
     rows = out_owned.nonzero().flatten().to(torch.long).contiguous()
-    empty = torch.empty(0, dtype=torch.long)
+    empty = _NO_COLUMNS
     if in_owned is None:
         return rows, empty
     inputs = (in_owned > 0).flatten()

@@ -110,3 +110,27 @@ def test_task_0_identical_with_and_without_the_kernel_and_across_to(use_kernels)
     net.eval()
     with torch.no_grad():
         assert torch.equal(net(x, 0), before)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernel", "pytorch"])
+def test_owned_biases_restored_when_no_input_unit_is_owned(use_kernels):
+    """A layer whose inputs are all free (the previous layer owns nothing for task 0) protects no
+    weight entry, but the biases of its owned units still belong to task 0."""
+    torch.manual_seed(1)
+    cfg = HATConfig(num_tasks=2)
+    first, second = HATLinear(5, 6, cfg), HATLinear(6, 4, cfg)
+    with torch.no_grad():
+        first.mask_embedding[0].fill_(-6.0)   # task 0 owns no unit of the first layer
+        second.mask_embedding[0].fill_(6.0)   # and every unit of the second
+    mark_task_trained(first, 0)
+    mark_task_trained(second, 0)
+    bias0, emb0 = second.bias.detach().clone(), second.mask_embedding[0].detach().clone()
+    opt = torch.optim.SGD([*first.parameters(), *second.parameters()], lr=0.1, weight_decay=0.5)
+    with (fused.disabled() if not use_kernels else contextlib.nullcontext()):
+        for i in range(3):
+            opt.zero_grad()
+            out = second(first(HATPayload(torch.randn(8, 5), task_id=1, mask_scale=10.0 + i)))
+            out.data.square().mean().backward()
+            opt.step()
+    assert torch.equal(second.bias, bias0)
+    assert torch.equal(second.mask_embedding[0], emb0)
