@@ -20,6 +20,11 @@ allows). The reference is derived from the layer's own parameters, never persist
 first step that protects a task it does not cover yet (after ``mark_task_trained``, a lock, a load,
 a ``.to()``), it is copied from the parameters, which hold what the task learned at that moment.
 
+On the CPU (float32/float64, contiguous, ``groups == 1``) the restore is one fused loop per tensor
+(``restore_rows`` in ``mechanism/fused_cpu.cpp``): it visits only the owned rows and writes only the
+entries whose bits differ from the reference, so a step that moved nothing protected writes nothing.
+Elsewhere it is ``torch.where`` with the protected entries as the condition: the same bits.
+
 The restore runs from a global hook on every ``torch.optim.Optimizer`` step (subclasses and inner
 optimizers included: their ``step`` runs the hook too). An optimizer outside ``torch.optim`` that
 updates parameters in place is caught at the start of the next forward of each layer (the in-place
