@@ -147,8 +147,25 @@ at::Tensor nullified_weight_grad(const at::Tensor& grad2d, const at::Tensor& x2d
   }
   at::Tensor grad_w = grad2d.t().mm(x2d);
   if (rows.empty()) return grad_w;
+  if (!in_owned.defined()) return grad_w.index_fill_(0, index_tensor(rows), 0.0);
+  if (grad_w.is_contiguous() && (grad_w.scalar_type() == at::kFloat || grad_w.scalar_type() == at::kDouble)) {
+    // One pass over the owned rows, zeroing their owned inputs in place (the same zeros as the
+    // gather, masked fill and scatter below, without their two row-sized copies).
+    const std::vector<int64_t> cols = owned_indices(in_owned, true);
+    if (cols.empty()) return grad_w;
+    const int64_t n = grad_w.size(1);
+    AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "hat_zero_owned_entries", [&] {
+      scalar_t* g = grad_w.data_ptr<scalar_t>();
+      at::parallel_for(0, static_cast<int64_t>(rows.size()), 16, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          scalar_t* row = g + rows[k] * n;
+          for (const int64_t c : cols) row[c] = scalar_t(0);
+        }
+      });
+    });
+    return grad_w;
+  }
   const at::Tensor index = index_tensor(rows);
-  if (!in_owned.defined()) return grad_w.index_fill_(0, index, 0.0);
   return grad_w.index_copy_(0, index, grad_w.index_select(0, index).masked_fill_(in_owned > 0, 0.0));
 }
 
