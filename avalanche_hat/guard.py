@@ -20,6 +20,11 @@ allows). The reference is derived from the layer's own parameters, never persist
 first step that protects a task it does not cover yet (after ``mark_task_trained``, a lock, a load,
 a ``.to()``), it is copied from the parameters, which hold what the task learned at that moment.
 
+On the CPU (float32/float64, contiguous, ``groups == 1``) the restore is one fused loop per tensor
+(``restore_rows`` in ``mechanism/fused_cpu.cpp``): it visits only the owned rows and writes only the
+entries whose bits differ from the reference, so a step that moved nothing protected writes nothing.
+Elsewhere it is ``torch.where`` with the protected entries as the condition: the same bits.
+
 The restore runs from a global hook on every ``torch.optim.Optimizer`` step (subclasses and inner
 optimizers included: their ``step`` runs the hook too). An optimizer outside ``torch.optim`` that
 updates parameters in place is caught at the start of the next forward of each layer (the in-place
@@ -38,6 +43,8 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .mechanism import fused
 
 # Every live HAT layer and task-indexed layer (for the optimizer hook's parameter map).
 _MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -117,7 +124,7 @@ class _Guard:
     dropped when the layer is pickled or copied, re-derived when needed)."""
 
     __slots__ = ("reference", "ref_tasks", "cache", "step_tasks", "step_locked", "step_in_owned", "closed",
-                 "versions", "flags", "anchor")
+                 "versions", "flags", "anchor", "valid")
 
     def __init__(self) -> None:
         self.reference: dict | None = None
@@ -130,6 +137,7 @@ class _Guard:
         self.versions = None
         self.flags: dict = {}
         self.anchor = None
+        self.valid = False  # the reference was checked against the layer's tensors since they last moved
 
 
 def state(module: nn.Module) -> _Guard:
@@ -147,6 +155,14 @@ def register(module: nn.Module) -> None:
 def without_guard(pickled: dict) -> dict:
     """A module's pickled state without its guard: the reference is re-derived after unpickling."""
     return {k: v for k, v in pickled.items() if k != "_hat_guard"}
+
+
+def moved(module: nn.Module) -> None:
+    """The layer's tensors were converted or moved (``.to()``, ``.double()``, ...): check the
+    reference against them again (and re-derive it if they no longer match) before the next step."""
+    g = state(module)
+    g.valid = False
+    g.cache = {}
 
 
 def reset(module: nn.Module) -> None:
@@ -345,7 +361,17 @@ def _reference_matches(module, g) -> bool:
 
 
 def _copy_tensors(module, tasks: frozenset) -> list:
-    """``(tensor, name)`` of what ``tasks`` own in a task-indexed layer: their copies' parameters and buffers."""
+    """What ``tasks`` own in a task-indexed layer: their copies' parameters and buffers (cached while
+    the copies are the same objects and the layer has not moved)."""
+    g = state(module)
+    key = ("copies", tasks, tuple(id(module.copies[t]) for t in sorted(tasks) if t < len(module.copies) - 1))
+    cached = g.cache.get(key)
+    if cached is None:
+        cached = g.cache[key] = _list_copy_tensors(module, tasks)
+    return cached
+
+
+def _list_copy_tensors(module, tasks: frozenset) -> list:
     out = []
     for t in sorted(tasks):
         if t >= len(module.copies) - 1:
@@ -365,7 +391,8 @@ def ensure_reference(module, tasks: frozenset) -> None:
     if not tasks:
         return
     g = state(module)
-    if tasks <= g.ref_tasks and _reference_matches(module, g):
+    if tasks <= g.ref_tasks and (g.valid or _reference_matches(module, g)):
+        g.valid = True
         return
     if _is_hat(module):
         g.reference = {n: t.detach().clone() for n, t in
@@ -375,6 +402,7 @@ def ensure_reference(module, tasks: frozenset) -> None:
         g.reference = {t: [x.detach().clone() for x in _copy_tensors(module, frozenset([t]))] for t in tasks}
     g.ref_tasks = frozenset(tasks)
     g.cache = {}
+    g.valid = True
     g.versions = _versions(module)
 
 
@@ -407,38 +435,83 @@ def restore(module, tasks: frozenset, after_step: bool = True) -> None:
 
 def _restore_hat(layer, g, tasks: frozenset) -> None:
     ref = g.reference
-    emb, ref_emb = layer.mask_embedding, ref["mask_embedding"]
+    emb, ref_emb, weight, bias = layer.mask_embedding, ref["mask_embedding"], layer.weight, layer.bias
     cached = g.cache.get(tasks)
     if cached is None:
-        rows = torch.tensor(sorted(tasks), device=emb.device)
+        rows = torch.tensor(sorted(tasks), device=emb.device, dtype=torch.long)
         out_owned = (ref_emb.index_select(0, rows) > 0).any(0)
-        cached = g.cache[tasks] = [rows, out_owned, bool(out_owned.any()), _UNSET, None]
-    rows, out_owned, any_owned, seen_in, condition = cached
-    emb.index_copy_(0, rows, ref_emb.index_select(0, rows))
-    if not any_owned:
-        return
-    weight = layer.weight
-    in_owned = g.step_in_owned
+        cached = g.cache[tasks] = {"tasks": rows, "out": out_owned, "any": bool(out_owned.any()),
+                                   "out_rows": out_owned.nonzero().flatten().to(torch.long),
+                                   "in": _UNSET, "where": None, "spans": None}
     groups = getattr(layer, "groups", 1)
+    kernels = fused.usable(weight, ref["weight"]) if groups == 1 and fused.usable(emb, ref_emb) else None
+    if kernels is not None:
+        kernels.restore_rows(emb, ref_emb, cached["tasks"], _NO_COLUMNS)
+    else:
+        emb.index_copy_(0, cached["tasks"], ref_emb.index_select(0, cached["tasks"]))
+    if not cached["any"]:
+        return
+    out_owned = cached["out"]
+    in_owned = g.step_in_owned
     if in_owned is _UNSET or (in_owned is not None and in_owned.numel() != weight.shape[1] * groups):
         in_owned = None
-    # The entries Eq. 2 protects: owned output units, where their input is owned (kernel dims broadcast).
-    # The same every step while the protected tasks and the input ownership stay: built once.
-    if condition is None or not (seen_in is in_owned or (
-            seen_in is not None and in_owned is not None and torch.equal(seen_in, in_owned))):
-        trailing = (1,) * (weight.ndim - 2)
-        condition = out_owned.view(-1, 1, *trailing)
-        if in_owned is not None:
-            inputs = (in_owned > 0).view(groups, -1)
-            if groups > 1:
-                inputs = inputs.repeat_interleave(weight.shape[0] // groups, dim=0)
-            else:
-                inputs = inputs.expand(weight.shape[0], -1)
-            condition = condition & inputs.reshape(weight.shape[0], -1, *trailing)
-        cached[3], cached[4] = (None if in_owned is None else in_owned.clone()), condition
-    torch.where(condition, ref["weight"], weight, out=weight)
-    if layer.bias is not None:
-        torch.where(out_owned, ref["bias"], layer.bias, out=layer.bias)
+    # The entries Eq. 2 protects: owned output units, where their input is owned (kernel dims
+    # broadcast). The same every step while the protected tasks and the input ownership stay: built once.
+    seen = cached["in"]
+    if not (seen is in_owned or (seen is not _UNSET and seen is not None and in_owned is not None
+                                 and torch.equal(seen, in_owned))):
+        cached["in"] = None if in_owned is None else in_owned.clone()
+        cached["where"] = cached["spans"] = None
+    if kernels is not None:
+        # Only the owned rows are visited, and only entries whose bits differ are written (the
+        # common case, zero gradients and no optimizer state there, writes nothing).
+        if cached["spans"] is None:
+            cached["spans"] = _owned_spans(out_owned, in_owned, weight)
+        rows, cols = cached["spans"]
+        kernels.restore_rows(weight, ref["weight"], rows, cols)
+        if bias is not None and fused.usable(bias, ref["bias"]) is not None:
+            kernels.restore_rows(bias, ref["bias"], cached["out_rows"], _NO_COLUMNS)
+            return
+    else:
+        condition = cached["where"]
+        if condition is None:
+            trailing = (1,) * (weight.ndim - 2)
+            condition = out_owned.view(-1, 1, *trailing)
+            if in_owned is not None:
+                inputs = (in_owned > 0).view(groups, -1)
+                if groups > 1:
+                    inputs = inputs.repeat_interleave(weight.shape[0] // groups, dim=0)
+                else:
+                    inputs = inputs.expand(weight.shape[0], -1)
+                condition = condition & inputs.reshape(weight.shape[0], -1, *trailing)
+            cached["where"] = condition
+        torch.where(condition, ref["weight"], weight, out=weight)
+    if bias is not None:
+        torch.where(out_owned, ref["bias"], bias, out=bias)
+
+
+_NO_COLUMNS = torch.empty(0, dtype=torch.long)  # restore_rows: every column of the rows
+
+
+def _owned_spans(out_owned: torch.Tensor, in_owned: torch.Tensor | None, weight: torch.Tensor):
+    """The restore kernel's form of the protected entries of a ``groups == 1`` weight: the owned
+    output rows, and the columns of the ``(out, in * kernel)`` view whose input unit is owned (an
+    empty vector: every column, when the input ownership is unknown or all owned)."""
+    rows = out_owned.nonzero().flatten().to(torch.long).contiguous()
+    empty = _NO_COLUMNS
+    if in_owned is None:
+        return rows, empty
+    inputs = (in_owned > 0).flatten()
+    if bool(inputs.all()):
+        return rows, empty
+    if not bool(inputs.any()):
+        return rows[:0], empty
+    per_unit = 1
+    for size in weight.shape[2:]:
+        per_unit *= size
+    units = inputs.nonzero().flatten().to(torch.long)
+    cols = (units.unsqueeze(1) * per_unit + torch.arange(per_unit, dtype=torch.long)).flatten().contiguous()
+    return rows, cols
 
 
 # ------------------------------------------------------------------------------ optimizer hooks

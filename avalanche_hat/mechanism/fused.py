@@ -3,7 +3,10 @@
 On a CPU a HAT layer's extra work per training step is a dozen operations on vectors of a few hundred
 units (the soft mask, Eq. 3's compensation, the mask's product with the output and its two gradients).
 Their arithmetic is nothing; dispatching each one through PyTorch is what costs, several microseconds
-apiece. ``fused_cpu.cpp`` does each of these as one loop.
+apiece. ``fused_cpu.cpp`` does each of these as one loop. It also holds the guard's restore after every
+optimizer step (:mod:`avalanche_hat.guard`): a loop over the owned rows of each HAT weight that
+writes back only the protected entries whose bits changed, where ``torch.where`` over the whole
+weight was a memory pass as long as SGD's own update.
 
 The kernels are compiled with the C++ compiler once per installed environment, the first time a
 process needs them (about 1.5 to 3 minutes on a 2-core machine; a message on stderr says so while it

@@ -6,7 +6,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -144,8 +147,25 @@ at::Tensor nullified_weight_grad(const at::Tensor& grad2d, const at::Tensor& x2d
   }
   at::Tensor grad_w = grad2d.t().mm(x2d);
   if (rows.empty()) return grad_w;
+  if (!in_owned.defined()) return grad_w.index_fill_(0, index_tensor(rows), 0.0);
+  if (grad_w.is_contiguous() && (grad_w.scalar_type() == at::kFloat || grad_w.scalar_type() == at::kDouble)) {
+    // One pass over the owned rows, zeroing their owned inputs in place (the same zeros as the
+    // gather, masked fill and scatter below, without their two row-sized copies).
+    const std::vector<int64_t> cols = owned_indices(in_owned, true);
+    if (cols.empty()) return grad_w;
+    const int64_t n = grad_w.size(1);
+    AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "hat_zero_owned_entries", [&] {
+      scalar_t* g = grad_w.data_ptr<scalar_t>();
+      at::parallel_for(0, static_cast<int64_t>(rows.size()), 16, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          scalar_t* row = g + rows[k] * n;
+          for (const int64_t c : cols) row[c] = scalar_t(0);
+        }
+      });
+    });
+    return grad_w;
+  }
   const at::Tensor index = index_tensor(rows);
-  if (!in_owned.defined()) return grad_w.index_fill_(0, index, 0.0);
   return grad_w.index_copy_(0, index, grad_w.index_select(0, index).masked_fill_(in_owned > 0, 0.0));
 }
 
@@ -288,6 +308,69 @@ void clamp_embedding(const at::Tensor& embedding, double bound) {
   });
 }
 
+
+// The guard's restore (avalanche_hat/guard.py): copy ``ref`` back into ``weight`` at the protected
+// entries, i.e. the rows ``rows`` of their (out, K) views and, in each of those rows, the columns
+// ``cols`` (every column when ``cols`` is empty). Only owned rows are visited, and an entry is written
+// only where its bits differ from the reference, so a step that moved nothing protected (zero
+// gradients, no state) reads the owned part once and dirties no memory. Bits, not values, are
+// compared: -0.0 against 0.0 and NaNs are copied exactly.
+template <typename T, typename Bits>
+bool restore_rows_impl(T* w, const T* r, int64_t row_len, const int64_t* rows, int64_t nrows,
+                       const int64_t* cols, int64_t ncols) {
+  std::atomic<bool> wrote{false};
+  at::parallel_for(0, nrows, 16, [&](int64_t begin, int64_t end) {
+    bool changed = false;
+    for (int64_t k = begin; k < end; ++k) {
+      Bits* wr = reinterpret_cast<Bits*>(w + rows[k] * row_len);
+      const Bits* rr = reinterpret_cast<const Bits*>(r + rows[k] * row_len);
+      if (ncols == 0) {
+        if (std::memcmp(wr, rr, sizeof(T) * row_len) != 0) {
+          std::memcpy(wr, rr, sizeof(T) * row_len);
+          changed = true;
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < ncols; ++j) {
+        const int64_t c = cols[j];
+        if (wr[c] != rr[c]) {
+          wr[c] = rr[c];
+          changed = true;
+        }
+      }
+    }
+    if (changed) wrote.store(true, std::memory_order_relaxed);
+  });
+  return wrote.load();
+}
+
+bool restore_rows(const at::Tensor& weight, const at::Tensor& ref, const at::Tensor& rows, const at::Tensor& cols) {
+  check(weight, "weight");
+  check(ref, "reference");
+  TORCH_CHECK(weight.scalar_type() == ref.scalar_type() && weight.sizes() == ref.sizes(),
+              "the reference must match the weight");
+  TORCH_CHECK(weight.dim() >= 1, "weight must have an output dimension");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows: int64 vector");
+  TORCH_CHECK(cols.scalar_type() == at::kLong && cols.is_contiguous() && cols.dim() == 1, "cols: int64 vector");
+  const int64_t out = weight.size(0);
+  const int64_t row_len = out ? weight.numel() / out : 0;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* cp = cols.data_ptr<int64_t>();
+  for (int64_t k = 0; k < rows.numel(); ++k) TORCH_CHECK(rp[k] >= 0 && rp[k] < out, "row index out of range");
+  for (int64_t j = 0; j < cols.numel(); ++j) TORCH_CHECK(cp[j] >= 0 && cp[j] < row_len, "column index out of range");
+  bool wrote;
+  if (weight.scalar_type() == at::kFloat) {
+    wrote = restore_rows_impl<float, uint32_t>(weight.data_ptr<float>(), ref.data_ptr<float>(), row_len, rp, rows.numel(),
+                                       cp, cols.numel());
+  } else {
+    wrote = restore_rows_impl<double, uint64_t>(weight.data_ptr<double>(), ref.data_ptr<double>(), row_len, rp,
+                                                rows.numel(), cp, cols.numel());
+  }
+  // An in-place write, as far as autograd's saved-tensor checks are concerned (torch.where(out=) bumps it too).
+  if (wrote) torch::autograd::impl::bump_version(weight);
+  return wrote;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -296,4 +379,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_last_axis", &mask_last_axis);
   m.def("clamp_embedding", &clamp_embedding);
   m.def("masked_nullified_linear", &masked_nullified_linear);
+  m.def("restore_rows", &restore_rows);
 }

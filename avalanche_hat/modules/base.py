@@ -66,6 +66,11 @@ class HATModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         guard.reset(self)
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        guard.moved(self)  # .to(), .double(), ...: the reference is checked against the new tensors
+        return out
+
     def __getstate__(self):
         return guard.without_guard(super().__getstate__())
 
@@ -269,6 +274,11 @@ class TaskIndexedModule(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         guard.reset(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        guard.moved(self)  # .to(), .double(), ...: the reference is checked against the new tensors
+        return out
 
     def copy_index(self, task_id: int | None) -> int:
         """The copy of ``task_id`` (``num_tasks`` for None). Every forward picks its copy here, so this
