@@ -21,6 +21,7 @@ from .network import (
     recorded_masks,
     trained_tasks,
 )
+from .opt_ins import fixed_masks, retraining
 from .payload import HATPayload, check_network_output
 
 __version__ = "0.1.0"
@@ -44,6 +45,6 @@ __all__ = [
     "HATConfig", "HATPayload", "check_network_output", "convert", "export_task", "ConversionReport", "ConversionError",
     "forget_task", "ForgetResult", "LayerForgetting", "capacity_report", "CapacityReport", "LayerCapacity",
     "ConstantMaskScale", "CosineMaskScale", "ExponentialMaskScale", "LinearMaskScale", "MaskScaleSchedule",
-    "clamp_embeddings_", "hat_modules", "locked_tasks", "joint_training", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
+    "clamp_embeddings_", "hat_modules", "locked_tasks", "joint_training", "retraining", "fixed_masks", "hat_param_groups", "hat_regularization", "mark_task_trained", "recorded_masks", "trained_tasks",
     "HAT", "HATPlugin", "HATMultiTaskModel", "__version__",
 ]

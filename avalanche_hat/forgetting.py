@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .modules.base import HATModule, TaskIndexedModule
@@ -112,7 +113,8 @@ def _hat_layer(layer: HATModule, task_id: int, dry_run: bool) -> LayerForgetting
 
 
 def _task_indexed_layer(layer: TaskIndexedModule, task_id: int, dry_run: bool) -> LayerForgetting:
-    index = layer.copy_index(task_id)
+    with torch.no_grad():  # a look-up, not a forward (a training forward of a trained task is refused)
+        index = layer.copy_index(task_id)
     parameters = {name: (p.numel(), p.numel()) for name, p in layer.named_parameters()
                   if name.split(".")[:2] == ["copies", str(index)]}
     reinitialized = layer.forget(task_id, dry_run=dry_run)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from avalanche_hat import HATConfig, HATPayload, check_network_output, hat_regularization, recorded_masks
+from avalanche_hat import HATConfig, HATPayload, check_network_output, fixed_masks, hat_regularization, recorded_masks
 from avalanche_hat.modules import HATLinear, TaskIndexedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,11 +87,12 @@ class HATOutputNet(nn.Module):
 @pytest.mark.parametrize("scale", [10.0, None])
 def test_a_hat_output_layer_is_refused_with_what_to_do(scale):
     net = HATOutputNet(HATConfig(num_tasks=2))
-    with recorded_masks():
+    with recorded_masks(), fixed_masks():  # scale None: training with fixed masks, on purpose
         out = net(torch.randn(4, 8), 0, scale)
     with pytest.raises(ValueError, match="output is the masked output of a HAT layer.*TaskIndexedLinear"):
         check_network_output(out)
-    payload = net.out(HATPayload(torch.randn(4, 16), task_id=0, mask_scale=scale))
+    with fixed_masks():
+        payload = net.out(HATPayload(torch.randn(4, 16), task_id=0, mask_scale=scale))
     with pytest.raises(ValueError, match="TaskIndexedLinear"):
         check_network_output(payload)  # a payload returned as it is
 

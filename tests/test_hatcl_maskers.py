@@ -1,13 +1,17 @@
 """HAT-CL's ``ConstantMasker`` (a fixed, non-trainable mask) in this package's terms, as
 docs/migration.md gives it: write the 0/1 mask into the task's embedding rows (``+c`` on, ``-c``
-off) and train with ``mask_scale=None``. Binary masks then serve the training forward too, the
-embeddings get no gradient, and HAT's protection is the same as with trained masks."""
+off) and train with ``mask_scale=None`` inside ``avalanche_hat.fixed_masks()`` (the explicit opt-in:
+outside it such a training forward is refused, as a forgotten mask scale). Binary masks then serve
+the training forward too, the embeddings get no gradient, and HAT's protection is the same as with
+trained masks."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from avalanche_hat import HATConfig, forget_task, mark_task_trained, trained_tasks
+import pytest
+
+from avalanche_hat import HATConfig, fixed_masks, forget_task, mark_task_trained, trained_tasks
 
 from test_forgetting import DigitsNet, digit_tasks, evaluate, fit
 
@@ -36,13 +40,16 @@ def test_a_fixed_mask_stays_fixed_learns_and_leaves_earlier_tasks_bit_identical(
     x, y = tasks[1][:2]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.train()
-    for _ in range(4):
-        for b in range(0, len(x), 32):
-            loss = nn.functional.cross_entropy(model(x[b:b + 32], 1, None), y[b:b + 32])  # mask_scale=None
-            optimizer.zero_grad()
-            loss.backward()
-            assert model.fc1.mask_embedding.grad is None or not model.fc1.mask_embedding.grad.any()
-            optimizer.step()
+    with pytest.raises(ValueError, match=r"mask_scale=None.*avalanche_hat\.fixed_masks\(\)"):
+        model(x[:32], 1, None)  # without the opt-in: a forgotten mask scale
+    with fixed_masks():
+        for _ in range(4):
+            for b in range(0, len(x), 32):
+                loss = nn.functional.cross_entropy(model(x[b:b + 32], 1, None), y[b:b + 32])  # mask_scale=None
+                optimizer.zero_grad()
+                loss.backward()
+                assert model.fc1.mask_embedding.grad is None or not model.fc1.mask_embedding.grad.any()
+                optimizer.step()
     mark_task_trained(model, 1)
 
     for name, on in chosen.items():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from avalanche_hat import HATConfig, HATPayload, hat_regularization, mark_task_trained
+from avalanche_hat import HATConfig, HATPayload, fixed_masks, hat_regularization, mark_task_trained
 from avalanche_hat.mechanism import CosineMaskScale, LinearMaskScale, ConstantMaskScale, make_schedule, soft_mask
 from avalanche_hat.modules import HATLinear
 
@@ -290,7 +290,8 @@ def test_a_layer_no_other_task_owns_trains_like_the_general_path(layer, scale, m
     def step():
         for t in (x, *net.parameters()):
             t.grad = None
-        out = net(HATPayload(x, task_id=1, mask_scale=scale))
+        with fixed_masks():  # scale None: training with fixed (binary) masks, on purpose
+            out = net(HATPayload(x, task_id=1, mask_scale=scale))
         (out.data * torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)).sum().backward()
         return out, [t.grad.clone() for t in (x, *net.parameters()) if t.grad is not None]
 

@@ -44,7 +44,7 @@ def test_forward_by_a_hat_network_runs_the_payloads_task(task_id, scale):
 def test_forward_by_a_hat_layer_or_task_indexed_layer_takes_the_payload():
     cfg = HATConfig(num_tasks=2, mask_init="normal")
     torch.manual_seed(0)
-    fc, bn = HATLinear(6, 4, cfg), TaskIndexedBatchNorm1d(4, cfg).eval()
+    fc, bn = HATLinear(6, 4, cfg).eval(), TaskIndexedBatchNorm1d(4, cfg).eval()
     with torch.no_grad():
         bn.copies[1].running_mean.uniform_()
         bn.copies[1].weight.uniform_()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from avalanche_hat import HATConfig, HATPayload, mark_task_trained
+from avalanche_hat import HATConfig, HATPayload, fixed_masks, mark_task_trained
 from avalanche_hat.modules import (
     HATConv1d,
     HATConv2d,
@@ -147,7 +147,8 @@ def hat_layers(net):
 
 def train(net, x, task_id, steps=6, lr=0.2):
     torch.manual_seed(100 + task_id)
-    target = torch.randn_like(net(HATPayload(x, task_id=task_id)))
+    with torch.no_grad():  # the output's shape (a fresh module is in training mode)
+        target = torch.randn_like(net(HATPayload(x, task_id=task_id)))
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)  # a fresh optimizer per task
     net.train()
     for _ in range(steps):
@@ -245,7 +246,8 @@ def test_layer_norm_normalises_the_masked_output_then_masks_again():
         for p in ln.copies[0].parameters():
             p.uniform_(0.5, 1.5)
     for scale in (3.0, None):
-        p = lin(HATPayload(torch.randn(2, 3, 6), task_id=0, mask_scale=scale))
+        with fixed_masks():  # mask_scale=None in training mode: fixed (binary) masks, on purpose
+            p = lin(HATPayload(torch.randn(2, 3, 6), task_id=0, mask_scale=scale))
         expected = ln.copies[0](p.data) * p.pending_mask
         torch.testing.assert_close(ln(p).data, expected)
 
@@ -259,7 +261,7 @@ def test_group_norm_matches_torch_and_the_plain_network():
     x = torch.randn(3, 6, 4, 4)
     for t in (None, 0, 1):
         assert torch.equal(gn(HATPayload(x, task_id=t)).data, plain(x))
-    conv = HATConv2d(2, 6, 1, CFG)
+    conv = HATConv2d(2, 6, 1, CFG).eval()  # binary masks (a fresh module is in training mode)
     with torch.no_grad():
         conv.mask_embedding[1, :2] = -1.0
     p = conv(HATPayload(torch.randn(3, 2, 4, 4), task_id=1))

@@ -66,7 +66,7 @@ def test_unit_ownership_survives_reshapes_at_any_batch_size(batch):
 
 
 def test_masks_follow_load_state_dict_and_dtype_changes():
-    a, b = HATLinear(4, 6, CFG), HATLinear(4, 6, CFG)
+    a, b = HATLinear(4, 6, CFG).eval(), HATLinear(4, 6, CFG).eval()  # binary masks: inference
     with torch.no_grad():
         a.mask_embedding[0] = torch.tensor([1.0, -1, 1, -1, 1, -1])
     x = torch.randn(3, 4)

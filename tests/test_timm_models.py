@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from avalanche_hat import HATConfig, HATPayload, forget_task, mark_task_trained
+from avalanche_hat import HATConfig, HATPayload, fixed_masks, forget_task, mark_task_trained
 from avalanche_hat.modules import HATLinear, HATModule, TaskIndexedLinear, TaskIndexedModule
 from avalanche_hat.timm_models import HAT_MODELS, PLAIN_TWINS, PretrainedWeightsUnavailableError
 from avalanche_hat.timm_models.vit import HATTokenLinear
@@ -324,8 +324,9 @@ def test_vit_linear_with_the_mask_folded_into_the_weight_computes_what_hat_linea
     for layer in layers:
         mark_task_trained(layer, 0)
         layer.train()
-        out = layer(HATPayload(x, task_id=1, mask_scale=mask_scale, mask_dim=2 if known_inputs else None,
-                               ownership=in_owned))
+        with fixed_masks():  # mask_scale None: training with fixed (binary) masks, on purpose
+            out = layer(HATPayload(x, task_id=1, mask_scale=mask_scale, mask_dim=2 if known_inputs else None,
+                                   ownership=in_owned))
         (out.data * torch.arange(6.0)).sum().backward()
         emb_grad = layer.mask_embedding.grad
         results.append((out.data, layer.weight.grad, layer.bias.grad, emb_grad, out.ownership))

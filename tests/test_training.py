@@ -399,11 +399,17 @@ def test_revisiting_a_task_on_purpose_keeps_every_other_task_bit_identical():
     strategy = make_strategy(allow_task_revisit=True, epochs=2)
     strategy.train(benchmark.train_stream[0])
     strategy.train(benchmark.train_stream[1])
+    x0, _ = stacked_data(benchmark.test_stream[0])
     x1, _ = stacked_data(benchmark.test_stream[1])
-    task1 = logits(strategy.model, x1, 1)
-    strategy.train(benchmark.train_stream[0])
+    task0, task1 = logits(strategy.model, x0, 0), logits(strategy.model, x1, 1)
+    strategy.train(benchmark.train_stream[0])  # inside retraining(0), which the plugin opens
+    assert not torch.equal(logits(strategy.model, x0, 0), task0), "task 0 did not train again"
     assert torch.equal(logits(strategy.model, x1, 1), task1)
     assert strategy.trained_tasks == [0, 1]
+    with pytest.raises(RuntimeError, match="task 0 is marked trained"):  # the block ended with the experience
+        strategy.model.train()
+        strategy.model.mask_scale = 5.0
+        strategy.model(x0, 0)
 
 
 class LazyHeads(MultiTaskModule):

@@ -6,7 +6,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from .. import guard
+from .. import guard, opt_ins
 from ..config import HATConfig
 from ..mechanism import fused
 from ..mechanism.masks import (binary_mask, nullification_factor, owned_by, ownership, protecting_tasks, scale_grad,
@@ -171,6 +171,9 @@ class HATModule(nn.Module):
             return payload.derive(compute(x, weight, bias))
         owned = None
         if training:  # Eq. 2 on weight and bias gradients; masks trained with clamped embeddings
+            # Refused unless opted in (avalanche_hat.opt_ins): a trained task, a forgotten mask scale.
+            opt_ins.check_trained_task(self, task_id, guard.flag_set(self, "hat_trained"))
+            opt_ins.check_mask_scale(self, task_id, scale)
             locked = guard.training_forward(self, task_id, payload.locked_task_ids)
             if scale is not None:
                 self.clamp_embedding_()
@@ -283,10 +286,13 @@ class TaskIndexedModule(nn.Module):
     def copy_index(self, task_id: int | None) -> int:
         """The copy of ``task_id`` (``num_tasks`` for None). Every forward picks its copy here, so this
         is also where the guard sees the forward: it restores what an optimizer outside torch.optim
-        wrote to the trained tasks' copies, and a training forward marks the copy as trained in this step."""
+        wrote to the trained tasks' copies, and a training forward marks the copy as trained in this step
+        (refused for a task the network marked trained, outside ``avalanche_hat.retraining``)."""
         self.hat_config.check_task_id(task_id)
         guard.forward_start(self)
         if self.training and torch.is_grad_enabled():
+            if task_id is not None:
+                opt_ins.check_trained_task(self, task_id, guard.network_trained(self))
             guard.record_copy(self, task_id)
         return self.hat_config.num_tasks if task_id is None else task_id
 

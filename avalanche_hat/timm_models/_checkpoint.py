@@ -1,13 +1,16 @@
 """Gradient checkpointing for the HAT networks (timm's ``model.set_grad_checkpointing(True)``).
 
 A checkpointed segment (a ViT or ResNet block, an AlexNet or MLP layer) keeps no activation for the
-backward pass: autograd runs it a second time during the backward to get them back. Three things make
+backward pass: autograd runs it a second time during the backward to get them back. Four things make
 that second run (the *recomputation*) compute exactly what the first one did, and leave no trace:
 
 - the random state is restored (PyTorch's ``preserve_rng_state``), so dropout and drop-path draw the
   same units;
 - BatchNorm running statistics are updated by the first run only: the recomputation writes into
   throw-away copies of the buffers (plain ``torch.utils.checkpoint`` would apply the momentum twice);
+- the opt-in checks of :mod:`avalanche_hat.opt_ins` (a trained task, ``mask_scale=None``) are not
+  run again: the first run passed them, and the second may run on an autograd thread that does not
+  see the blocks (``retraining``, ``fixed_masks``) the first one ran in;
 - nothing is recorded: the masks a HAT layer leaves for the regulariser (``recorded_masks()``) and the
   outputs the plugin watches (``watch_masked_outputs()``) are the first run's, so the regulariser's
   gradient flows into the graph of the loss.
@@ -28,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..modules.base import MASK_RECORD
+from ..opt_ins import replaying
 from ..payload import _MASKED_OUTPUTS, HATPayload
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -49,7 +53,8 @@ def recomputation(modules: Iterable[nn.Module]) -> Iterator[None]:
     records = MASK_RECORD.set(None)
     watched = _MASKED_OUTPUTS.set(None)
     try:
-        yield
+        with replaying():  # the first run passed the opt-in checks (it may run on another thread now)
+            yield
     finally:
         _MASKED_OUTPUTS.reset(watched)
         MASK_RECORD.reset(records)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from ..mechanism.schedules import MaskScaleSchedule, make_schedule
 from ..modules import HATModule, TaskIndexedLinear
 from ..network import clamp_embeddings_, hat_regularization, mark_task_trained, recorded_masks, trained_tasks
+from ..opt_ins import retraining
 from ..payload import check_network_output, watch_masked_outputs
 from .checkpoint import make_optimizers_picklable
 from .class_incremental import transformed_negatives
@@ -180,8 +181,10 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             decay. 0 disables it. (The optimizer's own ``weight_decay`` is safe too: what earlier
             tasks own is restored after each step; this penalty leaves it out of the loss instead.)
         allow_task_revisit: train again on a task id that is already learned (it is then trained
-            on its own units and what is free, every other task stays protected). Off by default,
-            because a repeated task id usually means a class-incremental stream.
+            on its own units and what is free, every other task stays protected; its forwards run
+            inside ``avalanche_hat.retraining(task)``, without which a training forward of a trained
+            task is refused). Off by default, because a repeated task id usually means a
+            class-incremental stream.
         class_incremental: None (default) follows the model (a ``HATClassIncrementalModel`` is
             trained class-incrementally, any other model task-incrementally); True or False insists
             on one mode and refuses a model of the other.
@@ -205,6 +208,8 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     plain_parameters = "refuse"
     _frozen_parameters: tuple = ()
     _frozen_norms: tuple = ()
+    _retrains = False
+    _recording = _watching = _retraining = None
 
     def __init__(
         self,
@@ -280,6 +285,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if (plain_parameters or plain_norms) and self.plain_parameters == "refuse":
             raise ValueError(plain_parts_message(model, plain_parameters, plain_norms))
         self._real_batch = self._negative_logits = None
+        self._stop_recording()  # blocks a forward that raised in an earlier strategy.train left open
         self._recording = self._masks = None  # the forward's masks, reused by the regulariser
         self._watching = self._watched = None  # the forward's masked outputs, for check_network_output
         self._class_incremental_exp = self._is_class_incremental(model)
@@ -298,6 +304,8 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             if starts_task:
                 self._sub_experiences = 0
             self._open_task = self.task_id if _online_with_boundaries(strategy.experience) else None
+        # allow_task_revisit on a trained task: its training forwards run inside retraining(task).
+        self._retrains = self.task_id in trained_tasks(model)
         config = network_hat_config(model)
         max_scale = self.max_mask_scale if self.max_mask_scale is not None else config.max_mask_scale
         self._schedule = make_schedule(self.schedule, max_scale)
@@ -451,6 +459,8 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         return task
 
     def after_training_exp(self, strategy, **kwargs) -> None:
+        self._stop_recording()
+        self._retrains = False
         model = unwrap_model(strategy.model)
         clamp_embeddings_(model)
         self._sub_experiences += 1
@@ -502,6 +512,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if self.reg_coef:
             self._recording = recorded_masks()
             self._masks = self._recording.__enter__()
+        if self._retrains:  # allow_task_revisit: the task is marked trained, and is trained again on purpose
+            self._retraining = retraining(self.task_id)
+            self._retraining.__enter__()
         self._watching = watch_masked_outputs()
         self._watched = self._watching.__enter__()
         model = unwrap_model(strategy.model)
@@ -538,6 +551,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if self._watching is not None:
             self._watching.__exit__(None, None, None)
             self._watching = None
+        if self._retraining is not None:
+            self._retraining.__exit__(None, None, None)
+            self._retraining = None
 
     def after_forward(self, strategy, **kwargs) -> None:
         """Split the negatives' logits off: the criterion and the metrics see the real minibatch.
