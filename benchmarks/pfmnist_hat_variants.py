@@ -12,6 +12,8 @@ Variants:
   normal-init        HATConfig(mask_init="normal"): the original HAT code's N(0, 1) embeddings
   hatcl              HAT(regularization="hatcl"): HAT-CL 0.1.1's penalty (quota N_l / T of each whole layer)
   layer-quota-A-B    quota A on the first hidden layer, B on the second (e.g. layer-quota-0.3-0.1)
+  finetune-K         the cosine schedule per epoch, then s_max for the last K epochs (masks fixed:
+                     the sub-network is trained as it will be used, like PackNet's post-prune epochs)
 """
 import json
 import sys
@@ -27,7 +29,7 @@ from avalanche_hat.bench.data import make_benchmark  # noqa: E402
 from avalanche_hat.bench.runner import run_method  # noqa: E402
 
 
-def apply_variant(name: str, hp, num_tasks: int) -> None:
+def apply_variant(name: str, hp, num_tasks: int, epochs: int) -> None:
     import functools
 
     import avalanche_hat
@@ -35,7 +37,7 @@ def apply_variant(name: str, hp, num_tasks: int) -> None:
     import avalanche_hat.training.plugin as plugin
     from avalanche_hat import HATConfig
     from avalanche_hat.mechanism import regularization
-    from avalanche_hat.mechanism.schedules import ConstantMaskScale
+    from avalanche_hat.mechanism.schedules import ConstantMaskScale, CosineMaskScale, MaskScaleSchedule
 
     if name == "constant-scale":
         hp.hat_schedule = ConstantMaskScale(hp.hat_max_mask_scale)
@@ -58,6 +60,15 @@ def apply_variant(name: str, hp, num_tasks: int) -> None:
         quotas = [float(q) for q in name[len("layer-quota-"):].split("-")]
         network.layerwise_usage_penalty = lambda pairs, quota: sum(
             regularization.layerwise_usage_penalty([pair], q) for pair, q in zip(pairs, quotas))
+    elif name.startswith("finetune-"):
+        fixed, cosine = int(name[len("finetune-"):]), CosineMaskScale(hp.hat_max_mask_scale)
+
+        class CosineThenFixed(MaskScaleSchedule):  # progress over the experience
+            def __call__(self, progress: float) -> float:
+                position = progress * epochs  # in epochs
+                return cosine(position % 1.0) if position < epochs - fixed else cosine.max_scale
+
+        hp.hat_schedule, hp.hat_scale_unit = CosineThenFixed(), "experience"
     else:
         raise SystemExit(f"unknown variant {name!r}: see this script's docstring")
 
@@ -75,7 +86,7 @@ def main() -> None:
     spec = make_benchmark("pfmnist", holdout=0.1, num_tasks=args.tasks, train_per_task=args.train_per_task,
                           test_per_task=args.test_per_task, data_seed=data_seed)
     settings, hp = cli._settings_and_hp(args, spec)
-    apply_variant(variant, hp, spec.num_tasks)
+    apply_variant(variant, hp, spec.num_tasks, settings.epochs)
     from avalanche_hat.mechanism import fused
 
     fused.build()  # before the timed run
