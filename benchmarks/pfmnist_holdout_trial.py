@@ -3,8 +3,11 @@ command's flags: the ``--tune`` code path (same benchmark spec, settings and ``r
 budgets and settings the ``--tune`` grid does not cover. Prints and writes one trial as JSON (with
 the diagonal and last row of the accuracy matrix, to see learning and forgetting apart).
 
-    python benchmarks/pfmnist_holdout_trial.py METHOD OUT.json [avalanche-hat-bench flags ...]
+    python benchmarks/pfmnist_holdout_trial.py METHOD OUT.json [--data-seed D] [avalanche-hat-bench flags ...]
     e.g. python benchmarks/pfmnist_holdout_trial.py HAT hat.json --epochs 10 --hat-quota 0.3
+
+``--data-seed D`` draws another holdout (and training subset and permutations) from seed ``D``
+(default 0, the ``--tune`` holdout), to see how much one holdout draw decides a comparison.
 """
 import json
 import sys
@@ -23,10 +26,15 @@ from avalanche_hat.bench.runner import run_method  # noqa: E402
 def main() -> None:
     torch.set_num_threads(1)
     method, out, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
+    data_seed = 0
+    if "--data-seed" in flags:
+        i = flags.index("--data-seed")
+        data_seed = int(flags[i + 1])
+        flags = flags[:i] + flags[i + 2:]
     args = cli.build_parser().parse_args(["--benchmark", "pfmnist", "--tune", "--methods", method, *flags])
     cli.resolve_defaults(args)
     spec = make_benchmark("pfmnist", holdout=0.1, num_tasks=args.tasks, train_per_task=args.train_per_task,
-                          test_per_task=args.test_per_task)
+                          test_per_task=args.test_per_task, data_seed=data_seed)
     settings, hp = cli._settings_and_hp(args, spec)
     if method == "HAT":
         from avalanche_hat.mechanism import fused
@@ -34,7 +42,7 @@ def main() -> None:
         fused.build()  # before the timed run
     start = time.perf_counter()
     r = run_method(method, spec.scenario, settings, hp, 0, progress=False)
-    trial = {"method": method, "flags": flags, "seed": 0, "holdout_acc": r.acc, "bwt": r.bwt,
+    trial = {"method": method, "flags": flags, "data_seed": data_seed, "seed": 0, "holdout_acc": r.acc, "bwt": r.bwt,
              "train_seconds": r.train_seconds, "wall_seconds": time.perf_counter() - start,
              "steps_per_task": r.task_steps[:1], "diagonal": [r.matrix[i][i] for i in range(len(r.matrix))],
              "final": r.final, "owned": (r.capacity or {}).get("owned")}
