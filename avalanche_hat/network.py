@@ -41,6 +41,11 @@ def mark_task_trained(module: nn.Module, task_id: int, trained: bool = True) -> 
         layer.hat_trained[task_id] = trained
         if not trained:
             layer.hat_stepped[task_id] = False
+    if not trained:  # what it holds when it is marked again is taken then, not what it held before
+        for m in module.modules():
+            if isinstance(m, (HATModule, TaskIndexedModule)):
+                g = guard.state(m)
+                g.ref_tasks = g.ref_tasks - {task_id}
     _protect_now(module, layers)
 
 

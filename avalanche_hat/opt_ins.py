@@ -111,6 +111,20 @@ def check_trained_task(layer, task_id: int, trained: frozenset) -> None:
         raise RuntimeError(retrained_message(layer, task_id))
 
 
+def check_statistics_forward(layer, task_id: int, trained: frozenset) -> None:
+    """Refuse a training-mode forward of a marked-trained task's norm under ``torch.no_grad()``
+    outside :func:`retraining`: no gradient flows, but the forward would overwrite the running
+    statistics the task was evaluated with (nothing restores them before the next optimizer step)."""
+    if task_id in trained and task_id not in _RETRAINING.get() and not _REPLAYING.get():
+        raise RuntimeError(
+            f"a training-mode forward of task {task_id} in {type(layer).__name__} under torch.no_grad(), but task "
+            f"{task_id} is marked trained: the forward would update its running statistics (its BatchNorm's mean "
+            f"and variance), which changes what task {task_id} computes in eval mode. To evaluate it, call "
+            f"model.eval() first. To re-estimate its statistics on purpose, wrap the forwards in "
+            f"`with avalanche_hat.retraining({task_id}):`."
+        )
+
+
 def check_mask_scale(layer, task_id: int, mask_scale) -> None:
     """Refuse a training forward of a task with ``mask_scale=None`` outside :func:`fixed_masks`."""
     if mask_scale is not None or _FIXED_MASKS.get() or _REPLAYING.get():

@@ -65,7 +65,7 @@ def test_eval_mode_and_no_grad_forwards_of_a_trained_task_still_run():
     assert torch.equal(model(x, 0), expected)  # eval mode, gradients enabled
     model.train()
     with torch.no_grad():
-        model(x, 0, 5.0)  # training mode, no gradient: nothing to step
+        model(x, 2, 5.0)  # training mode, no gradient, an untrained task: runs
     # a training-mode forward of the task being learned is unaffected
     loss = model(x, 2, 5.0).sum()
     loss.backward()
@@ -189,3 +189,43 @@ def test_the_plain_network_and_a_hat_multitask_model_in_training_follow_the_rule
     model.mask_scale = CosineMaskScale(cfg.max_mask_scale).at(0, 4)
     model(torch.randn(2, 3), 0).sum().backward()
     assert isinstance(model.head, TaskIndexedLinear)
+
+
+def test_a_no_grad_training_mode_forward_of_a_trained_task_cannot_touch_its_norm_statistics():
+    """No gradient, so no step; but a training-mode BatchNorm overwrites its running statistics in
+    the forward, and nothing would restore them before the next optimizer step (an evaluation
+    helper that forgets model.eval() changed task 0's eval outputs). Refused before the forward."""
+    model, _ = two_trained_tasks()
+    x = data(0)[0]
+    expected, before = outputs(model, 0, x), snapshot(model)
+    model.train()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"under torch.no_grad\(\).*call model.eval\(\) first"):
+        model(x, 0, 5.0)
+    assert unchanged(model, before)
+    assert torch.equal(outputs(model, 0, x), expected)
+
+
+def test_statistics_re_estimated_on_purpose_are_kept_by_later_steps():
+    model, opt = two_trained_tasks()
+    x = data(0)[0]
+    before = outputs(model, 0, x)
+    model.train()
+    with torch.no_grad(), retraining(0):
+        model(x * 3.0 + 1.0, 0, 5.0)  # new running statistics for task 0's norms
+    refreshed = outputs(model, 0, x)
+    assert not torch.equal(refreshed, before)
+    train(model, opt, 2, *data(2))  # another task's steps keep what task 0 now holds
+    assert torch.equal(outputs(model, 0, x), refreshed)
+
+
+def test_unmark_then_mark_again_protects_what_the_task_holds_then():
+    model, opt = two_trained_tasks()
+    x = data(0)[0]
+    mark_task_trained(model, 0, trained=False)
+    model.train()
+    with torch.no_grad():
+        model(x * 3.0 + 1.0, 0, 5.0)  # not trained now: its statistics may change
+    mark_task_trained(model, 0)
+    now = outputs(model, 0, x)
+    train(model, opt, 2, *data(2))
+    assert torch.equal(outputs(model, 0, x), now)

@@ -294,6 +294,10 @@ class TaskIndexedModule(nn.Module):
             if task_id is not None:
                 opt_ins.check_trained_task(self, task_id, guard.network_trained(self))
             guard.record_copy(self, task_id)
+        elif self.training and task_id is not None and _tracks_statistics(self.copies[task_id]):
+            # no gradient, but a training-mode norm still updates its running statistics in the forward
+            opt_ins.check_statistics_forward(self, task_id, guard.network_trained(self))
+            guard.record_copy(self, task_id)  # its statistics change in this step: kept, not restored
         return self.hat_config.num_tasks if task_id is None else task_id
 
     def copy_for(self, task_id: int | None) -> nn.Module:
@@ -318,3 +322,8 @@ class TaskIndexedModule(nn.Module):
         import copy
 
         return copy.deepcopy(self.copy_for(task_id))
+
+
+def _tracks_statistics(copy) -> bool:
+    """Whether a training-mode forward of ``copy`` updates buffers (a BatchNorm's running statistics)."""
+    return bool(getattr(copy, "track_running_stats", False)) and getattr(copy, "running_mean", None) is not None
