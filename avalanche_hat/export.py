@@ -43,8 +43,8 @@ class ExportReport(dict):
 
 def _plain_norm(norm: _TaskIndexedNorm | TaskIndexedBatchNormAct2d, t: int) -> nn.Module:
     if isinstance(norm, TaskIndexedBatchNormAct2d):
-        return _NormAct(copy.deepcopy(norm.norm.copy_for(t)), copy.deepcopy(norm.drop), copy.deepcopy(norm.act))
-    return copy.deepcopy(norm.copy_for(t))
+        return _NormAct(copy.deepcopy(norm.norm.task_copy(t)), copy.deepcopy(norm.drop), copy.deepcopy(norm.act))
+    return copy.deepcopy(norm.task_copy(t))
 
 
 def _bn_of(m: nn.Module) -> nn.Module:
@@ -195,9 +195,9 @@ def export_task(model: HATConvertedNetwork, task_id: int, *, prune: bool = True)
         elif kind == "norm":
             _set(tree, name, _plain_norm(m, task_id))
         elif kind == "head":
-            _set(tree, name, copy.deepcopy(m.copy_for(task_id)))
+            _set(tree, name, copy.deepcopy(m.task_copy(task_id)))
         elif kind == "copies":
-            _set(tree, name, copy.deepcopy(m.copy_for(task_id)))
+            _set(tree, name, copy.deepcopy(m.task_copy(task_id)))
         elif kind == "param":
             value = m(task_id)
             _set(tree, name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))

@@ -113,8 +113,8 @@ def _hat_layer(layer: HATModule, task_id: int, dry_run: bool) -> LayerForgetting
 
 
 def _task_indexed_layer(layer: TaskIndexedModule, task_id: int, dry_run: bool) -> LayerForgetting:
-    with torch.no_grad():  # a look-up, not a forward (a training forward of a trained task is refused)
-        index = layer.copy_index(task_id)
+    layer.hat_config.check_task_id(task_id)
+    index = layer.hat_config.num_tasks if task_id is None else task_id  # a look-up, not a forward
     parameters = {name: (p.numel(), p.numel()) for name, p in layer.named_parameters()
                   if name.split(".")[:2] == ["copies", str(index)]}
     reinitialized = layer.forget(task_id, dry_run=dry_run)

@@ -205,8 +205,10 @@ def _tensors(module) -> list:
 def _versions(module):
     try:
         tensors = _tensors(module)
-        if not all(isinstance(t, nn.Parameter) for t in tensors):
-            return None  # functional_call / vmap swapped the state in: nothing of ours to check
+        # functional_call / vmap swapped the state in: nothing of ours to check (a task-indexed
+        # layer's list holds its own Parameter objects, cached)
+        if _is_hat(module) and not all(isinstance(t, nn.Parameter) for t in tensors):
+            return None
         return tuple(t._version for t in tensors)
     except RuntimeError:  # inference tensors have no version counter
         return None
@@ -364,7 +366,8 @@ def _copy_tensors(module, tasks: frozenset) -> list:
     """What ``tasks`` own in a task-indexed layer: their copies' parameters and buffers (cached while
     the copies are the same objects and the layer has not moved)."""
     g = state(module)
-    key = ("copies", tasks, tuple(id(module.copies[t]) for t in sorted(tasks) if t < len(module.copies) - 1))
+    copies = module.copies  # a ModuleList or a ParameterList: identities read from its dicts (indexing is slow)
+    key = ("copies", tasks, tuple(map(id, copies._modules.values())), tuple(map(id, copies._parameters.values())))
     cached = g.cache.get(key)
     if cached is None:
         cached = g.cache[key] = _list_copy_tensors(module, tasks)
@@ -428,9 +431,30 @@ def restore(module, tasks: frozenset, after_step: bool = True) -> None:
                 raise RuntimeError(f"{type(module).__name__} changed its copies between two steps: cannot keep the "
                                    "trained tasks' copies identical (rebuild the optimizer after changing the model)")
             if dst:
-                torch._foreach_copy_(dst, src)
+                _copy_changed(g, tasks, dst, src)
     g.ref_tasks = tasks  # tasks not protected in this step may have changed: no longer covered
     g.versions = _versions(module)
+
+
+def _copy_changed(g, tasks: frozenset, dst: list, src: list) -> None:
+    """Copy the reference back into the copies written in place since the last restore (their
+    version counters moved: every torch.optim update does that). A copy nothing wrote to, such as
+    the head of a task no minibatch used (an optimizer skips parameters without a gradient), costs
+    no copy, so the restore does not grow with the number of trained tasks."""
+    key = ("restored", tasks)
+    try:
+        now = [t._version for t in dst]
+    except RuntimeError:  # inference tensors have no version counter: copy everything
+        torch._foreach_copy_(dst, src)
+        return
+    seen = g.cache.get(key)
+    if seen is None or len(seen) != len(now):
+        torch._foreach_copy_(dst, src)
+    else:
+        changed = [i for i, (a, b) in enumerate(zip(now, seen)) if a != b]
+        if changed:
+            torch._foreach_copy_([dst[i] for i in changed], [src[i] for i in changed])
+    g.cache[key] = [t._version for t in dst]
 
 
 def _restore_hat(layer, g, tasks: frozenset) -> None:

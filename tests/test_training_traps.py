@@ -229,3 +229,15 @@ def test_unmark_then_mark_again_protects_what_the_task_holds_then():
     now = outputs(model, 0, x)
     train(model, opt, 2, *data(2))
     assert torch.equal(outputs(model, 0, x), now)
+
+
+def test_look_ups_of_a_trained_task_are_not_forwards():
+    """Exporting or forgetting a trained task in training mode reads its copies; it is not refused."""
+    model, _ = two_trained_tasks()
+    model.train()
+    head = model.head.to_base_module(0)
+    assert torch.equal(head.weight, model.head.copies[0].weight)
+    bn = model.bn.to_base_module(0)
+    assert torch.equal(bn.running_mean, model.bn.copies[0].running_mean)
+    result = forget_task(model, 0, dry_run=True)
+    assert result.total > 0

@@ -303,11 +303,17 @@ class TaskIndexedModule(nn.Module):
     def copy_for(self, task_id: int | None) -> nn.Module:
         return self.copies[self.copy_index(task_id)]
 
+    def task_copy(self, task_id: int | None):
+        """The copy of ``task_id`` as a look-up (export, forgetting, task inference), not a forward:
+        no guard bookkeeping and no training-forward refusal."""
+        self.hat_config.check_task_id(task_id)
+        return self.copies[self.hat_config.num_tasks if task_id is None else task_id]
+
     @torch.no_grad()
     def forget(self, task_id: int, dry_run: bool = False) -> int:
         """Reset the copy of ``task_id`` (parameters and running statistics, as a fresh copy); return
         how many parameters were re-initialised. ``dry_run``: only count, change nothing."""
-        copy = self.copy_for(task_id)
+        copy = self.task_copy(task_id)
         if dry_run:
             return sum(p.numel() for p in copy.parameters())
         for m in copy.modules():
@@ -321,7 +327,7 @@ class TaskIndexedModule(nn.Module):
         """A plain copy of the layer of ``task_id`` (None: the plain network's copy)."""
         import copy
 
-        return copy.deepcopy(self.copy_for(task_id))
+        return copy.deepcopy(self.task_copy(task_id))
 
 
 def _tracks_statistics(copy) -> bool:

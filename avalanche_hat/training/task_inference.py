@@ -58,7 +58,7 @@ def task_slot_state(model: nn.Module, tasks: Sequence[int]) -> dict[str, torch.T
             state[prefix + "mask_embedding"] = emb[index].unsqueeze(1).expand(len(tasks), *emb.shape)
         elif isinstance(module, TaskIndexedModule):
             slot = module.copies[SLOT]
-            copies = [module.copies[module.copy_index(t)] for t in tasks]
+            copies = [module.task_copy(t) for t in tasks]
             if isinstance(slot, nn.Module):
                 tensors = [dict([*c.named_parameters(), *c.named_buffers()]) for c in copies]
                 for key, _ in [*slot.named_parameters(), *slot.named_buffers()]:
