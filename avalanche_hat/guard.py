@@ -76,6 +76,26 @@ def as_locked_ids(task_ids) -> frozenset:
     return _check_ids(task_ids, "locked_task_ids")
 
 
+def scoped(var: ContextVar, value):
+    """Set the context variable ``var`` to ``value`` for a ``with`` block (restored after it, also
+    on an error): the mechanism behind locked_tasks, joint_training and the opt-ins."""
+    return _Scoped(var, value)
+
+
+class _Scoped:
+    __slots__ = ("var", "value", "token")
+
+    def __init__(self, var: ContextVar, value) -> None:
+        self.var, self.value, self.token = var, value, None
+
+    def __enter__(self):
+        self.token = self.var.set(self.value)
+        return self.value
+
+    def __exit__(self, *exc) -> None:
+        self.var.reset(self.token)
+
+
 @contextlib.contextmanager
 def locked_tasks(*task_ids: int) -> Iterator[frozenset]:
     """Protect ``task_ids`` in every forward and optimizer step inside the block, as if they were
@@ -89,11 +109,8 @@ def locked_tasks(*task_ids: int) -> Iterator[frozenset]:
     ``HATPayload(x, task_id=1, locked_task_ids=[0])`` for one forward). A task cannot be trained
     and locked in the same forward. Blocks nest (their locks add up)."""
     ids = as_locked_ids(task_ids[0] if len(task_ids) == 1 and not isinstance(task_ids[0], int) else task_ids)
-    token = _LOCKED.set(_LOCKED.get() | ids)
-    try:
+    with scoped(_LOCKED, _LOCKED.get() | ids):
         yield ids
-    finally:
-        _LOCKED.reset(token)
 
 
 @contextlib.contextmanager
@@ -107,11 +124,8 @@ def joint_training(*task_ids: int) -> Iterator[frozenset]:
     ids = as_locked_ids(task_ids[0] if len(task_ids) == 1 and not isinstance(task_ids[0], int) else task_ids)
     if len(ids) < 2:
         raise ValueError(f"joint_training needs at least two task ids, got {sorted(ids)}")
-    token = _JOINT.set(_JOINT.get() | ids)
-    try:
+    with scoped(_JOINT, _JOINT.get() | ids):
         yield ids
-    finally:
-        _JOINT.reset(token)
 
 
 def current_locks() -> frozenset:

@@ -21,6 +21,8 @@ import contextlib
 from contextvars import ContextVar
 from typing import Iterator
 
+from .guard import _check_ids, scoped
+
 _RETRAINING: ContextVar[frozenset] = ContextVar("avalanche_hat_retraining", default=frozenset())
 _FIXED_MASKS: ContextVar[bool] = ContextVar("avalanche_hat_fixed_masks", default=False)
 _REPLAYING: ContextVar[bool] = ContextVar("avalanche_hat_replaying", default=False)
@@ -46,18 +48,13 @@ def retraining(*task_ids: int) -> Iterator[frozenset]:
     locked task owns stays bit-identical. The task stays marked trained, so it is protected again
     as soon as the block ends. The HAT strategy and the ``HATPlugin`` open this block for an
     experience of a trained task when ``allow_task_revisit=True``. Blocks nest (their tasks add up)."""
-    from .guard import _check_ids
-
     if len(task_ids) == 1 and isinstance(task_ids[0], (list, tuple, set, frozenset)):
         task_ids = tuple(task_ids[0])
     ids = _check_ids(task_ids, "retraining")
     if not ids:
         raise ValueError("retraining needs the task ids to retrain, e.g. avalanche_hat.retraining(0)")
-    token = _RETRAINING.set(_RETRAINING.get() | ids)
-    try:
+    with scoped(_RETRAINING, _RETRAINING.get() | ids):
         yield ids
-    finally:
-        _RETRAINING.reset(token)
 
 
 @contextlib.contextmanager
@@ -74,21 +71,15 @@ def fixed_masks() -> Iterator[None]:
     Outside such a block a training forward with a task id and ``mask_scale=None`` raises: HAT
     learns its masks with a mask scale from a schedule (``CosineMaskScale`` and kin), and a forgotten
     scale would leave them at their initialisation. Eq. 2 protects the other tasks as usual."""
-    token = _FIXED_MASKS.set(True)
-    try:
+    with scoped(_FIXED_MASKS, True):
         yield
-    finally:
-        _FIXED_MASKS.reset(token)
 
 
 @contextlib.contextmanager
 def replaying() -> Iterator[None]:
     """The recomputation of a checkpointed segment (internal): its forward was checked already."""
-    token = _REPLAYING.set(True)
-    try:
+    with scoped(_REPLAYING, True):
         yield
-    finally:
-        _REPLAYING.reset(token)
 
 
 def retrained_message(layer, task_id: int) -> str:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from avalanche_hat.bench import cli  # noqa: E402
 from avalanche_hat.bench.data import make_benchmark  # noqa: E402
 from avalanche_hat.bench.runner import run_method  # noqa: E402
+from pfmnist_holdout_trial import split_data_seed  # noqa: E402  (this folder is on sys.path when run)
 
 
 def apply_variant(name: str, hp, num_tasks: int, epochs: int) -> None:
@@ -76,11 +77,7 @@ def apply_variant(name: str, hp, num_tasks: int, epochs: int) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     variant, out, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-    data_seed = 0
-    if "--data-seed" in flags:
-        i = flags.index("--data-seed")
-        data_seed = int(flags[i + 1])
-        flags = flags[:i] + flags[i + 2:]
+    data_seed, flags = split_data_seed(flags)
     args = cli.build_parser().parse_args(["--benchmark", "pfmnist", "--tune", "--methods", "HAT", *flags])
     cli.resolve_defaults(args)
     spec = make_benchmark("pfmnist", holdout=0.1, num_tasks=args.tasks, train_per_task=args.train_per_task,

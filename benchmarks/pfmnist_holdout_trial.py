@@ -23,14 +23,18 @@ from avalanche_hat.bench.data import make_benchmark  # noqa: E402
 from avalanche_hat.bench.runner import run_method  # noqa: E402
 
 
+def split_data_seed(flags: list[str]) -> tuple[int, list[str]]:
+    """``--data-seed D`` (default 0) taken out of the flags passed on to the bench's parser."""
+    if "--data-seed" not in flags:
+        return 0, flags
+    i = flags.index("--data-seed")
+    return int(flags[i + 1]), flags[:i] + flags[i + 2:]
+
+
 def main() -> None:
     torch.set_num_threads(1)
     method, out, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-    data_seed = 0
-    if "--data-seed" in flags:
-        i = flags.index("--data-seed")
-        data_seed = int(flags[i + 1])
-        flags = flags[:i] + flags[i + 2:]
+    data_seed, flags = split_data_seed(flags)
     args = cli.build_parser().parse_args(["--benchmark", "pfmnist", "--tune", "--methods", method, *flags])
     cli.resolve_defaults(args)
     spec = make_benchmark("pfmnist", holdout=0.1, num_tasks=args.tasks, train_per_task=args.train_per_task,
