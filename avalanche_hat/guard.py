@@ -451,8 +451,9 @@ def restore(module, tasks: frozenset, after_step: bool = True) -> None:
 
 
 def _copy_changed(g, tasks: frozenset, dst: list, src: list) -> None:
-    """Copy the reference back into the copies written in place since the last restore (their
-    version counters moved: every torch.optim update does that). A copy nothing wrote to, such as
+    """Copy the reference back into the copies' parameters written in place since the last restore
+    (their version counters moved: every torch.optim update does that), and into every buffer. A
+    parameter nothing wrote to, such as
     the head of a task no minibatch used (an optimizer skips parameters without a gradient), costs
     no copy, so the restore does not grow with the number of trained tasks."""
     key = ("restored", tasks)
@@ -465,7 +466,9 @@ def _copy_changed(g, tasks: frozenset, dst: list, src: list) -> None:
     if seen is None or len(seen) != len(now):
         torch._foreach_copy_(dst, src)
     else:
-        changed = [i for i, (a, b) in enumerate(zip(now, seen)) if a != b]
+        # buffers are always copied: BatchNorm's kernel updates its running statistics in place
+        # without moving their version counters
+        changed = [i for i, (a, b) in enumerate(zip(now, seen)) if a != b or not isinstance(dst[i], nn.Parameter)]
         if changed:
             torch._foreach_copy_([dst[i] for i in changed], [src[i] for i in changed])
     g.cache[key] = [t._version for t in dst]

@@ -134,3 +134,26 @@ def test_owned_biases_restored_when_no_input_unit_is_owned(use_kernels):
             opt.step()
     assert torch.equal(second.bias, bias0)
     assert torch.equal(second.mask_embedding[0], emb0)
+
+
+def test_running_statistics_written_behind_the_layer_are_restored_at_the_next_step():
+    """BatchNorm's kernel updates running statistics in place without moving their version
+    counters: the restore copies a trained task's buffers back at every step whatever the versions."""
+    from test_any_optimizer import Net as BNNet, data, outputs, train
+
+    torch.manual_seed(0)
+    net = BNNet(HATConfig(num_tasks=3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    train(net, opt, 0, *data(0))
+    mark_task_trained(net, 0)
+    x = data(0)[0]
+    expected = outputs(net, 0, x)
+    train(net, opt, 1, *data(1), steps=2)
+    net.bn.copies[0].train()
+    with torch.no_grad():  # straight into task 0's copy, past the layer's checks
+        net.bn.copies[0](torch.randn(16, 8, 8, 8) * 5 + 3)
+    train(net, opt, 1, *data(1), steps=1)
+    assert torch.equal(outputs(net, 0, x), expected)
+    for p in (torch.optim.Adam(net.parameters(), lr=0.01, fused=True), torch.optim.SGD(net.parameters(), lr=0.01, foreach=True)):
+        train(net, p, 1, *data(1), steps=2)
+        assert torch.equal(outputs(net, 0, x), expected)
