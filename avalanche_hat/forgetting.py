@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .modules.base import HATModule, TaskIndexedModule
@@ -113,8 +112,7 @@ def _hat_layer(layer: HATModule, task_id: int, dry_run: bool) -> LayerForgetting
 
 
 def _task_indexed_layer(layer: TaskIndexedModule, task_id: int, dry_run: bool) -> LayerForgetting:
-    layer.hat_config.check_task_id(task_id)
-    index = layer.hat_config.num_tasks if task_id is None else task_id  # a look-up, not a forward
+    index = layer.task_index(task_id)  # a look-up, not a forward
     parameters = {name: (p.numel(), p.numel()) for name, p in layer.named_parameters()
                   if name.split(".")[:2] == ["copies", str(index)]}
     reinitialized = layer.forget(task_id, dry_run=dry_run)

@@ -260,10 +260,12 @@ def unprotected_message(layer, task_id, others) -> str:
     return text + f"To discard what task {first} learned, call avalanche_hat.mark_task_trained(model, {first}, trained=False)."
 
 
-def training_forward(layer, task_id: int | None, locked: frozenset) -> frozenset:
+def training_forward(layer, task_id: int | None, locked: frozenset, trained: frozenset | None = None) -> frozenset:
     """Called by a HAT layer's training forward: refuse a task trained after an unmarked one, record
-    the step's tasks, and return the tasks Eq. 2 protects besides the trained ones (the locks)."""
-    trained = flag_set(layer, "hat_trained")
+    the step's tasks, and return the tasks Eq. 2 protects besides the trained ones (the locks).
+    ``trained``: the layer's trained tasks if the caller read them already."""
+    if trained is None:
+        trained = flag_set(layer, "hat_trained")
     stepped = flag_set(layer, "hat_stepped")
     locked = locked | _LOCKED.get()
     if locked:

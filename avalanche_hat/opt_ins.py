@@ -96,9 +96,14 @@ def retrained_message(layer, task_id: int) -> str:
     )
 
 
+def _refused(task_id: int, trained: frozenset) -> bool:
+    """A forward that would change trained task ``task_id``, outside :func:`retraining` (and not a replay)."""
+    return task_id in trained and task_id not in _RETRAINING.get() and not _REPLAYING.get()
+
+
 def check_trained_task(layer, task_id: int, trained: frozenset) -> None:
     """Refuse a training forward of a marked-trained task outside :func:`retraining` (see there)."""
-    if task_id in trained and task_id not in _RETRAINING.get() and not _REPLAYING.get():
+    if _refused(task_id, trained):
         raise RuntimeError(retrained_message(layer, task_id))
 
 
@@ -106,7 +111,7 @@ def check_statistics_forward(layer, task_id: int, trained: frozenset) -> None:
     """Refuse a training-mode forward of a marked-trained task's norm under ``torch.no_grad()``
     outside :func:`retraining`: no gradient flows, but the forward would overwrite the running
     statistics the task was evaluated with (nothing restores them before the next optimizer step)."""
-    if task_id in trained and task_id not in _RETRAINING.get() and not _REPLAYING.get():
+    if _refused(task_id, trained):
         raise RuntimeError(
             f"a training-mode forward of task {task_id} in {type(layer).__name__} under torch.no_grad(), but task "
             f"{task_id} is marked trained: the forward would update its running statistics (its BatchNorm's mean "

@@ -172,9 +172,10 @@ class HATModule(nn.Module):
         owned = None
         if training:  # Eq. 2 on weight and bias gradients; masks trained with clamped embeddings
             # Refused unless opted in (avalanche_hat.opt_ins): a trained task, a forgotten mask scale.
-            opt_ins.check_trained_task(self, task_id, guard.flag_set(self, "hat_trained"))
+            trained = guard.flag_set(self, "hat_trained")
+            opt_ins.check_trained_task(self, task_id, trained)
             opt_ins.check_mask_scale(self, task_id, scale)
-            locked = guard.training_forward(self, task_id, payload.locked_task_ids)
+            locked = guard.training_forward(self, task_id, payload.locked_task_ids, trained)
             if scale is not None:
                 self.clamp_embedding_()
             guard.note_clean(self)
@@ -288,7 +289,7 @@ class TaskIndexedModule(nn.Module):
         is also where the guard sees the forward: it restores what an optimizer outside torch.optim
         wrote to the trained tasks' copies, and a training forward marks the copy as trained in this step
         (refused for a task the network marked trained, outside ``avalanche_hat.retraining``)."""
-        self.hat_config.check_task_id(task_id)
+        index = self.task_index(task_id)
         guard.forward_start(self)
         if self.training and torch.is_grad_enabled():
             if task_id is not None:
@@ -298,16 +299,20 @@ class TaskIndexedModule(nn.Module):
             # no gradient, but a training-mode norm still updates its running statistics in the forward
             opt_ins.check_statistics_forward(self, task_id, guard.network_trained(self))
             guard.record_copy(self, task_id)  # its statistics change in this step: kept, not restored
-        return self.hat_config.num_tasks if task_id is None else task_id
+        return index
 
     def copy_for(self, task_id: int | None) -> nn.Module:
         return self.copies[self.copy_index(task_id)]
 
-    def task_copy(self, task_id: int | None):
-        """The copy of ``task_id`` as a look-up (export, forgetting, task inference), not a forward:
-        no guard bookkeeping and no training-forward refusal."""
+    def task_index(self, task_id: int | None) -> int:
+        """The index of ``task_id``'s copy (``num_tasks`` for None) as a look-up, not a forward: no
+        guard bookkeeping and no training-forward refusal."""
         self.hat_config.check_task_id(task_id)
-        return self.copies[self.hat_config.num_tasks if task_id is None else task_id]
+        return self.hat_config.num_tasks if task_id is None else task_id
+
+    def task_copy(self, task_id: int | None):
+        """The copy of ``task_id`` as a look-up (export, forgetting, task inference), not a forward."""
+        return self.copies[self.task_index(task_id)]
 
     @torch.no_grad()
     def forget(self, task_id: int, dry_run: bool = False) -> int:
