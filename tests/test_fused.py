@@ -239,7 +239,7 @@ def test_the_mask_product_gives_the_same_bits_on_any_number_of_threads(kernels):
 
 
 @pytest.mark.parametrize("owned_rows", [[], [4], [0, 2, 5], list(range(9))])  # none, few, a third+, all
-@pytest.mark.parametrize("inputs", ["unknown", "mixed", "all owned"])
+@pytest.mark.parametrize("inputs", ["unknown", "mixed", "one of many", "all owned"])
 @pytest.mark.parametrize("shape", [(3, 7), (40, 7), (2, 5, 7)])  # fewer and more samples than inputs; tokens
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_one_node_linear_step_gives_the_python_nodes_bits(kernels, owned_rows, inputs, shape, bias):
@@ -248,12 +248,17 @@ def test_the_one_node_linear_step_gives_the_python_nodes_bits(kernels, owned_row
     from avalanche_hat.mechanism.masks import _MaskedNullifiedLinear
 
     torch.manual_seed(0)
+    # "mixed" owns 4 of 7 inputs (Eq. 2 zeroes whole rows against a column mask); "one of many"
+    # 1 of 23 (it visits that column alone)
+    width = 23 if inputs == "one of many" else 7
+    shape = (*shape[:-1], width)
     x = torch.randn(*shape, requires_grad=True)
-    w, b = torch.randn(9, 7, requires_grad=True), torch.randn(9, requires_grad=True) if bias else None
+    w, b = torch.randn(9, width, requires_grad=True), torch.randn(9, requires_grad=True) if bias else None
     emb = (torch.randn(3, 9) * 0.2).requires_grad_()
     out_owned = torch.zeros(9)
     out_owned[owned_rows] = 1.0
-    in_owned = {"unknown": None, "mixed": torch.tensor([1.0, 0, 1, 1, 0, 0, 1]), "all owned": torch.ones(7)}[inputs]
+    in_owned = {"unknown": None, "mixed": torch.tensor([1.0, 0, 1, 1, 0, 0, 1]), "one of many": torch.eye(23)[11],
+                "all owned": torch.ones(7)}[inputs]
     upstream = torch.randn(*shape[:-1], 9)
     leaves = [t for t in (x, w, b, emb) if t is not None]
 

@@ -28,8 +28,10 @@ def _condition(out_owned, in_owned, weight):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(37, 23), (12, 7, 3, 3), (5, 4, 1, 1)])
-@pytest.mark.parametrize("inputs", ["unknown", "some", "all", "none"])
+@pytest.mark.parametrize("shape", [(37, 23), (12, 7, 3, 3), (5, 4, 1, 1), (9, 41)])
+# "some": about half the inputs owned (the kernel reads whole rows against a column mask); "one": a
+# single owned input (it visits that column alone)
+@pytest.mark.parametrize("inputs", ["unknown", "some", "one", "all", "none"])
 def test_restore_kernel_matches_the_formula_bit_for_bit(dtype, shape, inputs):
     g = torch.Generator().manual_seed(len(shape) * 7 + shape[0])
     ref = torch.randn(shape, generator=g, dtype=dtype)
@@ -42,6 +44,7 @@ def test_restore_kernel_matches_the_formula_bit_for_bit(dtype, shape, inputs):
     ref.view(-1)[3::11] = float("nan")
     out_owned = torch.rand(shape[0], generator=g) < 0.5
     in_owned = {"unknown": None, "some": (torch.rand(shape[1], generator=g) < 0.5).float(),
+                "one": torch.eye(shape[1])[shape[1] // 2],
                 "all": torch.ones(shape[1]), "none": torch.zeros(shape[1])}[inputs]
     cond = _condition(out_owned, in_owned, weight)
     expected = torch.where(cond, ref, weight)
