@@ -412,6 +412,32 @@ def test_revisiting_a_task_on_purpose_keeps_every_other_task_bit_identical():
         strategy.model(x0, 0)
 
 
+def test_a_revisit_forward_that_raises_leaves_no_retraining_block_open():
+    """allow_task_revisit trains a trained task inside retraining(task): a forward that raises
+    midway (an interrupt) must not leave that block open for training outside the strategy."""
+    benchmark = tensor_benchmark(3)
+    strategy = make_strategy(allow_task_revisit=True, epochs=1)
+    strategy.train(benchmark.train_stream[0])
+    x0, _ = stacked_data(benchmark.test_stream[0])
+    task0 = logits(strategy.model, x0, 0)
+
+    def interrupt(module, inputs):
+        raise KeyboardInterrupt
+
+    hook = strategy.model.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.train(benchmark.train_stream[0])  # revisits task 0; its first forward raises
+    hook.remove()
+    strategy.model.train()
+    strategy.model.mask_scale = 5.0
+    with pytest.raises(RuntimeError, match="task 0 is marked trained"):
+        strategy.model(x0, 0)
+    assert torch.equal(logits(strategy.model, x0, 0), task0)
+    strategy.train(benchmark.train_stream[0])  # and the revisit itself still works afterwards
+    assert not torch.equal(logits(strategy.model, x0, 0), task0)
+    assert "forward" not in vars(strategy)  # the per-experience wrapper is gone with the experience
+
+
 class LazyHeads(MultiTaskModule):
     def __init__(self):
         super().__init__()

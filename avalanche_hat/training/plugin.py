@@ -209,7 +209,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     _frozen_parameters: tuple = ()
     _frozen_norms: tuple = ()
     _retrains = False
-    _recording = _watching = _retraining = None
+    _recording = _watching = None
 
     def __init__(
         self,
@@ -285,7 +285,7 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         if (plain_parameters or plain_norms) and self.plain_parameters == "refuse":
             raise ValueError(plain_parts_message(model, plain_parameters, plain_norms))
         self._real_batch = self._negative_logits = None
-        self._stop_recording()  # blocks a forward that raised in an earlier strategy.train left open
+        self.close_forward_blocks()  # blocks a forward that raised in an earlier strategy.train left open
         self._recording = self._masks = None  # the forward's masks, reused by the regulariser
         self._watching = self._watched = None  # the forward's masked outputs, for check_network_output
         self._class_incremental_exp = self._is_class_incremental(model)
@@ -304,8 +304,11 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
             if starts_task:
                 self._sub_experiences = 0
             self._open_task = self.task_id if _online_with_boundaries(strategy.experience) else None
-        # allow_task_revisit on a trained task: its training forwards run inside retraining(task).
+        # allow_task_revisit on a trained task: the strategy's forward runs inside retraining(task).
         self._retrains = self.task_id in trained_tasks(model)
+        _unwrap_forward(strategy)
+        if self._retrains:
+            _wrap_forward(strategy, self.task_id)
         config = network_hat_config(model)
         max_scale = self.max_mask_scale if self.max_mask_scale is not None else config.max_mask_scale
         self._schedule = make_schedule(self.schedule, max_scale)
@@ -459,8 +462,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         return task
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        self._stop_recording()
+        self.close_forward_blocks()
         self._retrains = False
+        _unwrap_forward(strategy)
         model = unwrap_model(strategy.model)
         clamp_embeddings_(model)
         self._sub_experiences += 1
@@ -506,15 +510,12 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         """Record the masks the forward computes (the regulariser reuses them). Class-incremental
         mode with a reject head: append one transformed negative per sample, labelled with the reject
         output (index ``num_classes``). A minibatch with samples of other tasks is refused."""
-        self._stop_recording()  # a forward that raised never reached after_forward
+        self.close_forward_blocks()  # a forward that raised never reached after_forward
         if not self._class_incremental_exp:
             self._check_minibatch_task(strategy)
         if self.reg_coef:
             self._recording = recorded_masks()
             self._masks = self._recording.__enter__()
-        if self._retrains:  # allow_task_revisit: the task is marked trained, and is trained again on purpose
-            self._retraining = retraining(self.task_id)
-            self._retraining.__enter__()
         self._watching = watch_masked_outputs()
         self._watched = self._watching.__enter__()
         model = unwrap_model(strategy.model)
@@ -544,21 +545,22 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
         for p in self._frozen_parameters:  # plain_parameters="freeze": no step for the plain parts
             p.grad = None
 
-    def _stop_recording(self) -> None:
+    def close_forward_blocks(self) -> None:
+        """Close the blocks ``before_forward`` opened (mask recording and output watching), which
+        ``after_forward`` closes after every forward; the HAT strategy also closes them when ``train``
+        ends, however it ends. (``allow_task_revisit``'s ``retraining(task)`` is not one of them: it
+        wraps the strategy's forward call itself, so that a forward that raises leaves it too.)"""
         if self._recording is not None:
             self._recording.__exit__(None, None, None)
             self._recording = None
         if self._watching is not None:
             self._watching.__exit__(None, None, None)
             self._watching = None
-        if self._retraining is not None:
-            self._retraining.__exit__(None, None, None)
-            self._retraining = None
 
     def after_forward(self, strategy, **kwargs) -> None:
         """Split the negatives' logits off: the criterion and the metrics see the real minibatch.
         Refuse a network whose output layer is a HAT layer (it cannot learn)."""
-        self._stop_recording()
+        self.close_forward_blocks()
         watched, self._watched = self._watched, None
         check_network_output(strategy.mb_output, watched)
         if self._real_batch is None:
@@ -675,3 +677,27 @@ def ownership_respecting_l2(model: nn.Module, task_id: int) -> torch.Tensor:
             continue
         total = term if total is None else total + term
     return total
+
+
+def _wrap_forward(strategy, task: int) -> None:
+    """Run ``strategy.forward()`` inside ``retraining(task)`` for this experience (the block ends
+    with each forward call, however the call ends)."""
+    original = strategy.forward
+
+    def forward(*args, **kwargs):
+        with retraining(task):
+            return original(*args, **kwargs)
+
+    forward._hat_revisit = (task, strategy.__dict__.get("forward"))
+    strategy.forward = forward
+
+
+def _unwrap_forward(strategy) -> None:
+    wrapper = strategy.__dict__.get("forward")
+    if wrapper is None or not hasattr(wrapper, "_hat_revisit"):
+        return
+    previous = wrapper._hat_revisit[1]
+    if previous is None:
+        del strategy.__dict__["forward"]
+    else:
+        strategy.forward = previous

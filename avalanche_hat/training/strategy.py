@@ -176,6 +176,14 @@ class HAT(SupervisedTemplate):
             **base_kwargs,
         )
 
+    def train(self, *args, **kwargs):
+        # A forward that raises (an interrupt, a bad minibatch) never reaches after_forward: the
+        # blocks the plugin opened for it are closed here.
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.hat_plugin.close_forward_blocks()
+
     # Before anything runs on an experience (BatchNorm statistics included): class labels beyond the
     # per-task heads would otherwise fail inside cross entropy ("IndexError: Target 2 is out of bounds").
     def _before_training_exp(self, **kwargs):
@@ -198,6 +206,8 @@ class HAT(SupervisedTemplate):
         # A DDP wrapper belongs to its process group: checkpoints hold the model itself, which loads
         # in one process or in a distributed run (wrapped again when training starts).
         state["model"] = unwrap_model(state["model"])
+        if hasattr(state.get("forward"), "_hat_revisit"):  # allow_task_revisit's per-experience wrapper
+            del state["forward"]
         return state
 
 
