@@ -11,6 +11,8 @@ Variants:
   no-clamp           HATConfig(compensation_clamp=None): embeddings train at every mask scale
   normal-init        HATConfig(mask_init="normal"): the original HAT code's N(0, 1) embeddings
   hatcl              HAT(regularization="hatcl"): HAT-CL 0.1.1's penalty (quota N_l / T of each whole layer)
+  global             HAT(regularization="global"): the original HAT paper's penalty (no quota: the share
+                     of the free units of all layers the task takes, Eq. 5 of Serra et al. 2018)
   layer-quota-A-B    quota A on the first hidden layer, B on the second (e.g. layer-quota-0.3-0.1)
   finetune-K         the cosine schedule per epoch, then s_max for the last K epochs (masks fixed:
                      the sub-network is trained as it will be used, like PackNet's post-prune epochs)
@@ -57,6 +59,9 @@ def apply_variant(name: str, hp, num_tasks: int, epochs: int) -> None:
     elif name == "hatcl":
         strategy = avalanche_hat.HAT
         avalanche_hat.HAT = lambda **kwargs: strategy(regularization="hatcl", **kwargs)
+    elif name == "global":
+        strategy = avalanche_hat.HAT
+        avalanche_hat.HAT = lambda **kwargs: strategy(regularization="global", **kwargs)
     elif name.startswith("layer-quota-"):
         quotas = [float(q) for q in name[len("layer-quota-"):].split("-")]
         network.layerwise_usage_penalty = lambda pairs, quota: sum(
