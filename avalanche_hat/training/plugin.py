@@ -688,15 +688,15 @@ def _wrap_forward(strategy, task: int) -> None:
         with retraining(task):
             return original(*args, **kwargs)
 
-    forward._hat_revisit = (task, strategy.__dict__.get("forward"))
+    forward._hat_revisit_replaces = strategy.__dict__.get("forward")  # an instance attribute it shadows, if any
     strategy.forward = forward
 
 
 def _unwrap_forward(strategy) -> None:
     wrapper = strategy.__dict__.get("forward")
-    if wrapper is None or not hasattr(wrapper, "_hat_revisit"):
+    if wrapper is None or not hasattr(wrapper, "_hat_revisit_replaces"):
         return
-    previous = wrapper._hat_revisit[1]
+    previous = wrapper._hat_revisit_replaces
     if previous is None:
         del strategy.__dict__["forward"]
     else:

@@ -206,7 +206,7 @@ class HAT(SupervisedTemplate):
         # A DDP wrapper belongs to its process group: checkpoints hold the model itself, which loads
         # in one process or in a distributed run (wrapped again when training starts).
         state["model"] = unwrap_model(state["model"])
-        if hasattr(state.get("forward"), "_hat_revisit"):  # allow_task_revisit's per-experience wrapper
+        if hasattr(state.get("forward"), "_hat_revisit_replaces"):  # allow_task_revisit's per-experience wrapper
             del state["forward"]
         return state
 
