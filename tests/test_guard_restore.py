@@ -30,7 +30,7 @@ def _condition(out_owned, in_owned, weight):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(37, 23), (12, 7, 3, 3), (5, 4, 1, 1), (9, 41)])
 # "some": about half the inputs owned (the kernel reads whole rows against a column mask); "one": a
-# single owned input (it visits that column alone)
+# single owned input (in (37, 23) and (9, 41) under one column in eight: it visits that column alone)
 @pytest.mark.parametrize("inputs", ["unknown", "some", "one", "all", "none"])
 def test_restore_kernel_matches_the_formula_bit_for_bit(dtype, shape, inputs):
     g = torch.Generator().manual_seed(len(shape) * 7 + shape[0])

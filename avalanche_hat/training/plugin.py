@@ -693,11 +693,17 @@ def _wrap_forward(strategy, task: int) -> None:
 
 
 def _unwrap_forward(strategy) -> None:
-    wrapper = strategy.__dict__.get("forward")
+    drop_revisit_wrapper(strategy.__dict__)
+
+
+def drop_revisit_wrapper(attributes: dict) -> None:
+    """Take the per-experience revisit wrapper out of a strategy's attribute dict (its ``__dict__``,
+    or the copy a pickle takes), putting back any ``forward`` attribute it shadowed."""
+    wrapper = attributes.get("forward")
     if wrapper is None or not hasattr(wrapper, "_hat_revisit_replaces"):
         return
     previous = wrapper._hat_revisit_replaces
     if previous is None:
-        del strategy.__dict__["forward"]
+        del attributes["forward"]
     else:
-        strategy.forward = previous
+        attributes["forward"] = previous

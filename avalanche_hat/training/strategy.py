@@ -21,7 +21,7 @@ from .checkpoint import make_optimizers_picklable
 from .distributed import DistributedHATPlugin, is_distributed, local_device
 from .metrics import hat_capacity_metrics
 from .model import HATMultiTaskModel, check_no_lazy_modules
-from .plugin import DEFAULT_REG_COEF, HATPlugin, check_hat_model, check_optimizer, unwrap_model
+from .plugin import DEFAULT_REG_COEF, HATPlugin, check_hat_model, check_optimizer, drop_revisit_wrapper, unwrap_model
 
 
 def default_hat_evaluator() -> EvaluationPlugin:
@@ -206,8 +206,7 @@ class HAT(SupervisedTemplate):
         # A DDP wrapper belongs to its process group: checkpoints hold the model itself, which loads
         # in one process or in a distributed run (wrapped again when training starts).
         state["model"] = unwrap_model(state["model"])
-        if hasattr(state.get("forward"), "_hat_revisit_replaces"):  # allow_task_revisit's per-experience wrapper
-            del state["forward"]
+        drop_revisit_wrapper(state)  # allow_task_revisit's per-experience wrapper is not saved
         return state
 
 
